@@ -1,0 +1,24 @@
+# The README's commands. `make smoke` trains the smoke model; `make test` runs the tests.
+# Both set up a virtual environment in .venv first (torch pinned and installed before anything
+# else, so nothing pulls a multi-GB CUDA build on a CPU machine).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+
+.PHONY: setup test test-all clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs data wandb .pytest_cache

@@ -1,0 +1,7 @@
+"""The DeepSeek-V3 network as plain torch modules (no distributed code, no DeepSpeed, no TE)."""
+
+from .config import ConfigError, ModelConfig, RopeScaling
+from .moe import update_correction_bias
+from .transformer import DeepSeekV3, ModelOutput
+
+__all__ = ["DeepSeekV3", "ModelConfig", "RopeScaling", "ConfigError", "ModelOutput", "update_correction_bias"]

@@ -1,0 +1,171 @@
+"""The DeepSeek-V3 network: embedding, decoder blocks (MLA + dense FFN or MoE), final norm,
+output head, optional MTP modules, and the training losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import MLA
+from .config import ModelConfig
+from .moe import MLP, MoE, update_correction_bias
+from .mtp import MTPModule
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, std: float) -> None:
+    """Report §4.2: every weight matrix N(0, std=0.006); norms 1; correction biases 0."""
+    for name, p in module.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, std)
+    for m in module.modules():
+        if hasattr(m, "e_score_correction_bias"):
+            m.e_score_correction_bias.zero_()
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h + MLA(norm(h)), then + FFN(norm(h)); FFN is dense or MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, moe: bool):
+        super().__init__()
+        self.layer_id = layer_id
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoE)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """h (B, T, d) -> (h, expert counts (E,) or None, balance loss or None)."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+        x = self.post_attention_layernorm(h)
+        if self.is_moe:
+            y, counts, aux = self.mlp(x)
+        else:
+            y, counts, aux = self.mlp(x), None, None
+        return h + y, counts, aux
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, vocab) main head
+    loss: torch.Tensor  # lm_loss + λ·mtp_loss (+ balance loss when enabled)
+    lm_loss: torch.Tensor
+    mtp_loss: torch.Tensor | None  # mean over the D depths of each depth's CE; None when D = 0
+    expert_counts: torch.Tensor  # (n_moe_layers, n_routed_experts), MTP blocks last
+    balance_loss: torch.Tensor | None = None
+
+
+class DeepSeekV3(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, moe=i >= cfg.first_k_dense_replace) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg)
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, cfg.num_hidden_layers + k, DecoderLayer(cfg, cfg.num_hidden_layers + k, moe=True))
+            for k in range(cfg.num_nextn_predict_layers)
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_weights(self, self.cfg.initializer_range)
+
+    # ------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameter counts (works on the meta device).
+
+        total: every parameter of the main model (embedding and head included, MTP excluded,
+        as the report's 671B); mtp: the MTP modules; active: the weights one token multiplies
+        with in the main model: routed experts counted top-k of n, the output head included, the
+        input embedding (a lookup) not. That is N of the FLOP convention (6·N per token), and
+        matches the published 37B (V3) and 2.4B (V2-Lite) to within 2%.
+        """
+        cfg = self.cfg
+        total = mtp = routed = 0
+        for name, p in self.named_parameters():
+            if name.startswith("mtp."):
+                mtp += p.numel()
+                continue
+            total += p.numel()
+            if ".mlp.experts." in name:
+                routed += p.numel()
+        embedding = self.embed_tokens.weight.numel()
+        active = total - embedding - routed + routed * cfg.num_experts_per_tok // cfg.n_routed_experts
+        return {"total": total, "active": active, "mtp": mtp}
+
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE module in expert_counts order: main layers, then MTP blocks."""
+        blocks = [layer for layer in self.layers if layer.is_moe] + [m.block for m in self.mtp]
+        return [b.mlp for b in blocks]
+
+    @torch.no_grad()
+    def update_routing_bias(self, expert_counts: torch.Tensor, gamma: float) -> None:
+        """Apply the aux-loss-free update to every router; counts (n_moe_layers, E) summed over the step."""
+        for moe, counts in zip(self.moe_layers(), expert_counts):
+            update_correction_bias(moe.gate.e_score_correction_bias, counts, gamma)
+
+    def _trunk(self, tokens: torch.Tensor):
+        t = tokens.shape[1]
+        cos, sin = self.rotary(torch.arange(t, device=tokens.device))
+        h = self.embed_tokens(tokens)  # (B, T, d)
+        counts, aux = [], []
+        for layer in self.layers:
+            h, c, a = layer(h, cos, sin)
+            if c is not None:
+                counts.append(c)
+            if a is not None:
+                aux.append(a)
+        return self.norm(h), cos, sin, counts, aux
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, mtp_weight: float | None = None):
+        """tokens (B, T) -> logits (B, T, vocab); with targets (B, T; next tokens, -100 ignored) -> ModelOutput."""
+        h, cos, sin, counts, aux = self._trunk(tokens)
+        logits = self.lm_head(h)  # (B, T, vocab)
+        if targets is None:
+            return logits
+        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+        mtp_losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            t = h.shape[1] - 1  # depth k covers positions 0 .. T-k-1 of the input
+            if t <= 0:
+                break
+            # input token at position i is t_{i+k} = targets[i+k-1]; its target t_{i+k+1} = targets[i+k]
+            next_tok = targets[:, k - 1 : k - 1 + t].clamp_min(0)  # ignored targets embed as token 0
+            h, c, a = module(h[:, :t], self.embed_tokens(next_tok), cos[:t], sin[:t])
+            counts.append(c)
+            if a is not None:
+                aux.append(a)
+            mtp_logits = self.lm_head(h)  # (B, T-k, vocab)
+            mtp_losses.append(
+                F.cross_entropy(mtp_logits.float().flatten(0, 1), targets[:, k:].flatten(), ignore_index=IGNORE_INDEX)
+            )
+
+        weight = self.cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
+        mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else None
+        loss = lm_loss if mtp_loss is None else lm_loss + weight * mtp_loss
+        balance = torch.stack(aux).sum() if aux else None
+        if balance is not None:
+            loss = loss + balance
+        expert_counts = (
+            torch.stack(counts) if counts else torch.zeros(0, self.cfg.n_routed_experts, dtype=torch.long)
+        )
+        return ModelOutput(logits, loss, lm_loss, mtp_loss, expert_counts, balance)

@@ -1,0 +1,168 @@
+"""Our model against HF transformers' DeepseekV3 (an implementation nobody here wrote).
+
+Tolerance: logits agree to 1e-5 absolute in fp32 (seen: < 1e-6 with logits of magnitude ~1.5).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from model import DeepSeekV3, hf
+
+from .helpers import PARITY_CONFIGS, build, make_config
+
+transformers = pytest.importorskip("transformers")
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+ATOL = 1e-5
+
+
+def _hf_model(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("name", sorted(PARITY_CONFIGS))
+def test_ours_to_hf_logits_match(name, tmp_path):
+    model = build(seed=1, **PARITY_CONFIGS[name]).eval()
+    hf.save_pretrained(model, tmp_path)
+    ref = _hf_model(tmp_path)
+    assert type(ref).__name__ == "DeepseekV3ForCausalLM"
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, theirs = model(tokens), ref(tokens).logits
+    assert ours.abs().max() > 0.5, "logits too small for the comparison to mean anything"
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(PARITY_CONFIGS))
+def test_hf_random_init_to_ours(name, tmp_path):
+    """HF initialises (its own init, its own file writer); we load it and match its logits."""
+    torch.manual_seed(3)
+    cfg = make_config(**PARITY_CONFIGS[name])
+    hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in hf.config_to_hf(cfg).items()
+                                              if k not in ("architectures", "model_type", "torch_dtype")})
+    hf_cfg.initializer_range = 0.05
+    ref = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for name_, p in ref.named_parameters():
+            if name_.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+        for mod in ref.modules():
+            if hasattr(mod, "e_score_correction_bias"):
+                mod.e_score_correction_bias.copy_(0.05 * torch.randn_like(mod.e_score_correction_bias))
+    ref.save_pretrained(tmp_path)
+    ours = hf.from_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), ref(tokens).logits, atol=ATOL, rtol=0)
+
+
+def test_round_trip_is_bit_exact_including_mtp(tmp_path):
+    model = build(seed=5, num_nextn_predict_layers=2, **PARITY_CONFIGS["full_rank_q_yarn"])
+    hf.save_pretrained(model, tmp_path)
+    back = hf.from_pretrained(tmp_path)
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert back.cfg == model.cfg
+
+
+def test_mtp_layout_matches_the_release(tmp_path):
+    model = build(seed=6)
+    hf.save_pretrained(model, tmp_path, max_shard_bytes=200_000)  # force several shards
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    L = model.cfg.num_hidden_layers
+    for part in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "embed_tokens.weight",
+                 "shared_head.norm.weight", "shared_head.head.weight", "mlp.experts.0.gate_proj.weight",
+                 "mlp.gate.e_score_correction_bias", "self_attn.kv_a_proj_with_mqa.weight"):
+        assert f"model.layers.{L}.{part}" in index, part
+    assert f"model.layers.{L + 1}.enorm.weight" not in index
+    assert len(set(index.values())) > 1
+    back = hf.from_pretrained(tmp_path)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def _quantize_e4m3_blockwise(w: torch.Tensor, block: int = 128):
+    """Test-side quantiser written tile by tile, as the release was made: q = w / s, s = amax / 448."""
+    out_f, in_f = w.shape
+    nb_o, nb_i = -(-out_f // block), -(-in_f // block)
+    q = torch.empty(out_f, in_f, dtype=torch.float8_e4m3fn)
+    scale_inv = torch.empty(nb_o, nb_i)
+    for i in range(nb_o):
+        for j in range(nb_i):
+            tile = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            s = tile.abs().max().clamp_min(1e-12) / 448.0
+            scale_inv[i, j] = s
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / s).to(torch.float8_e4m3fn)
+    return q, scale_inv
+
+
+def test_fp8_release_weights_are_dequantised(tmp_path):
+    """A checkpoint stored like the official release (E4M3 + 128×128 weight_scale_inv) imports."""
+    from safetensors.torch import load_file, save_file
+
+    model = build(seed=7, hidden_size=160, intermediate_size=300)  # dims that do not divide 128
+    hf.save_pretrained(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    quantised = []
+    for k in list(tensors):
+        t = tensors[k]
+        # the release quantises the linear layers; not embeddings, norms, router or head
+        if k.endswith("proj.weight") and "mlp.gate." not in k and t.dim() == 2:
+            # widen the spread across tiles so a transposed or misplaced scale shows
+            t = t * torch.linspace(0.1, 10.0, t.shape[1])
+            tensors[k] = t
+            tensors[k], tensors[k + "_scale_inv"] = _quantize_e4m3_blockwise(t)
+            quantised.append((k, t))
+    save_file(tensors, tmp_path / "model.safetensors")
+    assert len(quantised) > 10
+    back = hf.from_pretrained(tmp_path)
+    hf_back = hf.state_dict_to_hf(back)
+    for k, original in quantised:
+        got = hf_back[k]
+        # E4M3 has 3 mantissa bits: relative error per element ≤ 2^-4 for normal values;
+        # values far below their tile's max fall to subnormals, whose step is 2^-9 of 448·s.
+        tile_max = original.abs().amax()
+        bound = original.abs() * 2**-4 + tile_max / 448 * 2**-9
+        assert bool(((got - original).abs() <= bound).all()), k
+        # and the import is not just "close": it equals q · scale_inv exactly
+        assert (got - original).abs().max() < 0.07 * tile_max, k
+
+
+def test_softmax_router_matches_hf_deepseek_v2():
+    """V2-style (softmax, unnormalised, group-limited greedy) MoE against HF's DeepseekV2Moe."""
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Config, DeepseekV2Moe
+
+    for n_group, topk_group, method in ((1, 1, "greedy"), (4, 2, "group_limited_greedy")):
+        cfg = make_config(scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.0,
+                          n_group=n_group, topk_group=topk_group, n_shared_experts=2)
+        torch.manual_seed(8)
+        ours = DeepSeekV3(cfg).layers[1].mlp
+        v2cfg = DeepseekV2Config(
+            hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.moe_intermediate_size,
+            n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts,
+            num_experts_per_tok=cfg.num_experts_per_tok, n_group=n_group, topk_group=topk_group,
+            topk_method=method, routed_scaling_factor=1.0, norm_topk_prob=False,
+        )
+        ref = DeepseekV2Moe(v2cfg)
+        with torch.no_grad():
+            ref.gate.weight.copy_(ours.gate.weight)
+            ref.experts.gate_up_proj.copy_(ours.experts.gate_up_proj)
+            ref.experts.down_proj.copy_(ours.experts.down_proj)
+            for n in ("gate_proj", "up_proj", "down_proj"):
+                getattr(ref.shared_experts, n).weight.copy_(getattr(ours.shared_experts, n).weight)
+        x = torch.randn(3, 10, cfg.hidden_size)
+        with torch.no_grad():
+            out, _, _ = ours(x)
+            torch.testing.assert_close(out, ref(x), atol=1e-6, rtol=0)
+
+
+def test_softmax_model_export_is_refused(tmp_path):
+    model = build(scoring_func="softmax")
+    with pytest.raises(ValueError, match="scoring_func"):
+        hf.save_pretrained(model, tmp_path)
