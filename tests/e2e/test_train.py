@@ -1,0 +1,136 @@
+"""End-to-end training through the real CLI, DeepSpeed engine and webdataset shards."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support import TINY, rows, run_cli
+
+KEYS = ["step", "loss", "lm_loss", "mtp_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes",
+        "skipped_steps", "bad_shards", "expert_load_maxvio", "val_loss"]
+
+
+def losses(run_dir: Path) -> dict[int, tuple]:
+    return {r["step"]: (r["loss"], r["lm_loss"], r["mtp_loss"], r["grad_norm"]) for r in rows(run_dir)}
+
+
+def val_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in rows(run_dir) if r["val_loss"] is not None}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("straight")
+    run_cli("train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}", "train.steps=8")
+    return run
+
+
+def test_resume_is_bit_exact(tiny_data, straight_run, tmp_path):
+    run = tmp_path / "stopped"
+    run_cli("train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}", "train.steps=4")
+    assert max(r["step"] for r in rows(run)) == 4
+    run_cli("train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}", "train.steps=8")
+    a, b = losses(straight_run), losses(run)
+    assert sorted(a) == sorted(b) == list(range(0, 9))
+    assert a == b, "resumed run must equal the straight run bit for bit on CPU"
+    # the stopped run also evaluated at its last step (4); every shared eval step agrees exactly
+    va, vb = val_losses(straight_run), val_losses(run)
+    assert set(vb) == set(va) | {4}
+    assert all(va[s] == vb[s] for s in va)
+
+
+def test_metrics_rows_have_every_documented_key(straight_run):
+    table = rows(straight_run)
+    assert table[0]["step"] == 0 and table[0]["val_loss"] is not None and table[0]["loss"] is None
+    for r in table:
+        for key in KEYS + ["expert_load_maxvio/layer_1", "expert_load_maxvio/layer_2"]:  # layer 2 = MTP block
+            assert key in r, (key, r["step"])
+    train_rows = table[1:]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    for r in train_rows:
+        for key in ("loss", "lm_loss", "mtp_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
+                    "expert_load_maxvio", "expert_load_maxvio/layer_1"):
+            assert isinstance(r[key], float) and r[key] == r[key], (key, r)
+        assert 0 < r["mfu"] < 1
+        assert r["peak_mem_bytes"] > 0
+        assert abs(r["loss"] - (r["lm_loss"] + 0.3 * r["mtp_loss"])) < 1e-4
+    assert [r["step"] for r in table if r["val_loss"] is not None] == [0, 3, 6, 8]
+    assert (straight_run / "config.yaml").is_file()
+    assert sorted(p.name for p in (straight_run / "checkpoints").iterdir()) == ["step_00000006", "step_00000008"]
+
+
+def test_second_run_says_it_is_complete(tiny_data, straight_run):
+    before = (straight_run / "metrics.jsonl").read_text()
+    proc = run_cli("train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={straight_run}", "train.steps=8")
+    assert "already complete at step 8" in proc.stderr
+    assert (straight_run / "metrics.jsonl").read_text() == before
+
+
+def test_bad_override_exits_2_naming_key_and_file(tiny_data):
+    proc = run_cli("train", "configs/smoke.yaml", "model.hiden_size=3", check=False)
+    assert proc.returncode == 2
+    assert "model.hiden_size" in proc.stderr and "configs/smoke.yaml" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli("train", "configs/smoke.yaml", "train.steps=ten", check=False)
+    assert proc.returncode == 2 and "train.steps" in proc.stderr
+
+
+def test_export_hf_matches_transformers(straight_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from train.sample import load_run
+
+    run_cli("export-hf", str(straight_run), str(tmp_path / "hf"))
+    _, ours, _ = load_run(straight_run)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    tokens = torch.randint(0, ours.cfg.vocab_size, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), ref(tokens).logits, atol=1e-5, rtol=0)
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_import_hf_starts_a_run_from_those_weights(tiny_data, straight_run, tmp_path):
+    run_cli("export-hf", str(straight_run), str(tmp_path / "hf"))
+    run_cli("import-hf", "--config", "configs/smoke.yaml", str(tmp_path / "hf"), str(tmp_path / "imported"), *TINY)
+    run = tmp_path / "continued"
+    run_cli("train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}", f"train.resume={tmp_path / 'imported'}",
+            "train.steps=1")
+    # step 0 evaluates the imported weights: the trained model's final val loss, not a fresh init's
+    assert abs(rows(run)[0]["val_loss"] - rows(straight_run)[-1]["val_loss"]) < 1e-5
+
+
+GAMMAS = (0.0, 0.005)
+
+
+def test_bias_update_moves_load_toward_balance(tiny_data, tmp_path):
+    """Start from a router bias that sends most tokens to experts 0 and 1; with γ > 0 the
+    aux-loss-free update must bring MaxVio down, with γ = 0 it stays."""
+    from model import DeepSeekV3
+    from train import checkpoint as ckpt_io
+    from train.config import load_config
+
+    cfg = load_config("configs/smoke.yaml", tiny_data)
+    torch.manual_seed(0)
+    model = DeepSeekV3(cfg.model)
+    for moe in model.moe_layers():
+        # a router with some spread between experts (γ must be small against it), and a bias
+        # that sends most tokens to experts 0 and 1
+        torch.nn.init.normal_(moe.gate.weight, std=0.05)
+        moe.gate.e_score_correction_bias[:2] = 0.05
+    init = ckpt_io.save_weights_only(model.state_dict(), tmp_path / "skewed", cfg.model)
+
+    maxvio = {}
+    for gamma in GAMMAS:
+        run = tmp_path / f"gamma{gamma}"
+        run_cli("train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}", f"train.resume={init}",
+                "train.steps=30", f"schedule.bias_update_rate={gamma}", "checkpoint.interval=30")
+        first = [r["expert_load_maxvio"] for r in rows(run) if 1 <= r["step"] <= 3]
+        last = [r["expert_load_maxvio"] for r in rows(run) if r["step"] > 25]
+        maxvio[gamma] = (sum(first) / len(first), sum(last) / len(last))
+    print(maxvio)
+    assert maxvio[0.0][1] > 0.8 * maxvio[0.0][0], "without the update the skew persists"
+    assert maxvio[GAMMAS[1]][1] < 0.5 * maxvio[0.0][1], maxvio

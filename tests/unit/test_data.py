@@ -1,0 +1,403 @@
+"""The data pipeline: prepare-data outputs, loading, errors, and the data-order contract."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from tokenizers import Tokenizer
+
+from model import ConfigError
+from train import data
+from train.config import Config, SourceConfig, load_config
+from train.data import (
+    EOD_TOKEN,
+    BatchStream,
+    TokenSamples,
+    eval_batches,
+    mix_streams,
+    pack_samples,
+    prepare_data,
+    stream_indices,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SEQ = 16
+WORDS = ("thou art the sun and moon of my heart thee how shall we see her love night day "
+         "sweet sorrow parting fair foul hover through fog filthy air king crown").split()
+
+
+def _text(rng: random.Random, marker: str, words: int) -> str:
+    # the marker opens the document so a held-out document is recognisable in decoded text
+    lines = [marker]
+    for _ in range(words // 8):
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(8)))
+    return "\n".join(lines) + "\n"
+
+
+def _txt_corpus(folder: Path, n: int = 6, words: int = 160) -> list[str]:
+    """n documents; returns their texts in sorted-path order (the last one sits in a subfolder)."""
+    rng = random.Random(0)
+    texts = []
+    for i in range(n):
+        path = folder / (f"zz/d{i}.txt" if i == n - 1 else f"d{i}.txt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        texts.append(_text(rng, f"MARKERDOC{i}", words))
+        path.write_text(texts[-1])
+    (folder / "notes.md").write_text("not a txt file: ignored")
+    return texts
+
+
+def _cfg(data_dir: Path, sources: list[SourceConfig], *overrides: str) -> Config:
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [
+        f"data.dir={data_dir}", "model.vocab_size=300", f"data.seq_len={SEQ}", "data.samples_per_shard=7",
+        "data.val_documents=2", "data.tokenizer=null", "data.train_shards=null", "data.val_shards=null",
+        *overrides,
+    ])
+    cfg.data.sources = sources
+    cfg.validate()
+    return cfg
+
+
+def _stream_of(samples: TokenSamples) -> np.ndarray:
+    """The token stream the samples were cut from (consecutive samples share one token)."""
+    xs = [samples[i].numpy() for i in range(len(samples))]
+    return np.concatenate([x[:-1] for x in xs] + [xs[-1][-1:]])
+
+
+def _expected_stream(tok: Tokenizer, texts: list[str], eod: int) -> np.ndarray:
+    return np.concatenate([np.array(tok.encode(t).ids + [eod]) for t in texts])
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> tuple[Config, list[str]]:
+    """A txt corpus prepared once for the loading and order tests."""
+    root = tmp_path_factory.mktemp("corpus")
+    texts = _txt_corpus(root / "docs")
+    cfg = _cfg(root / "data", [SourceConfig(kind="txt", path=str(root / "docs"))])
+    prepare_data(cfg, log=lambda s: None)
+    return cfg, texts
+
+
+@pytest.fixture(scope="module")
+def train_samples(prepared):
+    with TokenSamples(prepared[0], "train") as samples:
+        yield samples
+
+
+# --------------------------------------------------------------------------- prepare-data
+
+
+def test_prepare_txt_manifest_stream_and_held_out(prepared):
+    cfg, texts = prepared
+    data_dir = Path(cfg.data.dir)
+    m = json.loads((data_dir / "manifest.json").read_text())
+    tok = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    assert m["seq_len"] == SEQ and m["vocab_size"] == tok.get_vocab_size() <= 300
+    assert m["eod_id"] == tok.token_to_id(EOD_TOKEN) and m["dtype"] == "uint16"
+    assert m["tokenizer_sha256"] == hashlib.sha256((data_dir / "tokenizer.json").read_bytes()).hexdigest()
+    for split, prefix in (("train", "train-"), ("val", "val-")):
+        shards = m[split]["shards"]
+        assert [s["url"] for s in shards] == [f"{prefix}{k:06d}.tar" for k in range(len(shards))]
+        assert all(0 < s["nsamples"] <= 7 for s in shards) and all((data_dir / s["url"]).is_file() for s in shards)
+        assert sum(s["nsamples"] for s in shards) == m[split]["samples"] > 0
+        assert m[split]["tokens"] == m[split]["samples"] * SEQ
+    assert len(m["train"]["shards"]) > 1  # several shards, so indexing crosses shard boundaries
+    (src,) = m["sources"]
+    assert src["kind"] == "txt" and src["documents"] == 4 and src["val_documents"] == 2
+    assert src["held_out"] == m["held_out"] == ["d4.txt", "zz/d5.txt"]  # last two in sorted-path order
+    assert src["tokens"] == src["mixed_tokens"]  # one source: mixing changes nothing
+
+    # the samples are exactly the train documents' tokens, each followed by the EOD id
+    eod = m["eod_id"]
+    for split, docs in (("train", texts[:4]), ("val", texts[4:])):
+        with TokenSamples(cfg, split) as samples:
+            assert len(samples) == m[split]["samples"]
+            got = _stream_of(samples)
+        want = _expected_stream(tok, docs, eod)
+        assert len(got) == len(samples) * SEQ + 1 and len(want) - len(got) < SEQ + 1  # only the ragged tail dropped
+        assert np.array_equal(got, want[: len(got)])
+        ends = np.flatnonzero(got == eod)
+        assert len(ends) >= len(docs) - 1  # an EOD between every pair of consecutive documents
+        text = tok.decode(got.tolist(), skip_special_tokens=False)
+        for i, t in enumerate(texts):
+            assert (f"MARKERDOC{i}" in text) == (t in docs)  # held-out documents never reach train
+
+
+def test_shards_readable_by_plain_webdataset(prepared, train_samples):
+    cfg, _ = prepared
+    m = json.loads((Path(cfg.data.dir) / "manifest.json").read_text())
+    urls = [str(Path(cfg.data.dir) / s["url"]) for s in m["train"]["shards"]]
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode()
+    try:
+        rows = list(ds)
+    finally:
+        ds.close()
+    assert len(rows) == len(train_samples)
+    for i, row in enumerate(rows):
+        assert row["__key__"] == f"{i:09d}"
+        assert row["tokens.npy"].dtype == np.uint16
+        assert np.array_equal(row["tokens.npy"].astype(np.int64), train_samples[i].numpy())
+
+
+def test_idempotent_then_rebuild_on_change(tmp_path):
+    _txt_corpus(tmp_path / "docs", n=4)
+    cfg = _cfg(tmp_path / "data", [SourceConfig(kind="txt", path=str(tmp_path / "docs"))])
+    first = prepare_data(cfg, log=lambda s: None)
+    files = sorted((tmp_path / "data").iterdir())
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+    logs: list[str] = []
+    assert prepare_data(cfg, log=logs.append) == first
+    assert "up to date" in " ".join(logs)
+    assert sorted((tmp_path / "data").iterdir()) == files
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes  # nothing rewritten
+
+    cfg.data.seq_len = 2 * SEQ
+    second = prepare_data(cfg, log=lambda s: None)
+    assert second["seq_len"] == 2 * SEQ and second["train"]["samples"] < first["train"]["samples"]
+    on_disk = sorted(p.name for p in (tmp_path / "data").glob("*.tar"))
+    listed = sorted(s["url"] for split in ("train", "val") for s in second[split]["shards"])
+    assert on_disk == listed  # stale shards of the first preparation are gone
+
+
+def test_interrupted_prepare_leaves_no_manifest(tmp_path, monkeypatch):
+    _txt_corpus(tmp_path / "docs", n=4)
+    cfg = _cfg(tmp_path / "data", [SourceConfig(kind="txt", path=str(tmp_path / "docs"))])
+    prepare_data(cfg, log=lambda s: None)
+    write_shards = data._write_shards
+
+    def dies_before_val(out_dir, split, *args):
+        if split == "val":
+            raise KeyboardInterrupt
+        return write_shards(out_dir, split, *args)
+
+    cfg.data.seq_len = 2 * SEQ  # a rebuild, interrupted after the train shards
+    monkeypatch.setattr(data, "_write_shards", dies_before_val)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(cfg, log=lambda s: None)
+    assert not (tmp_path / "data" / "manifest.json").exists()  # the old one went first, the new one never came
+    with pytest.raises(FileNotFoundError, match="dsv3 prepare-data"):
+        TokenSamples(cfg, "train")
+    monkeypatch.undo()
+    assert prepare_data(cfg, log=lambda s: None)["seq_len"] == 2 * SEQ
+
+
+def test_no_validation_split(tmp_path):
+    _txt_corpus(tmp_path / "docs", n=3)
+    cfg = _cfg(tmp_path / "data", [SourceConfig(kind="txt", path=str(tmp_path / "docs"))], "data.val_documents=0")
+    m = prepare_data(cfg, log=lambda s: None)
+    assert m["val"] == {"shards": [], "samples": 0, "tokens": 0} and m["held_out"] == []
+    with pytest.raises(ConfigError, match="data.val_documents"):
+        TokenSamples(cfg, "val")
+
+
+def test_jsonl_two_sources_mixed_by_weight(tmp_path):
+    rng = random.Random(1)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"text": _text(rng, f"A{i}", 40), "id": i}) + "\n" for i in range(10)) + "\n")
+    b.write_text("".join(json.dumps({"body": _text(rng, f"B{i}", 200)}) + "\n" for i in range(5)))
+    cfg = _cfg(tmp_path / "data", [
+        SourceConfig(kind="jsonl", path=str(a), weight=1.0),
+        SourceConfig(kind="jsonl", path=str(b), text_field="body", weight=3.0),
+    ])
+    m = prepare_data(cfg, log=lambda s: None)
+    sa, sb = m["sources"]
+    assert (sa["documents"], sb["documents"]) == (8, 3)
+    assert m["held_out"] == ["a.jsonl:9", "a.jsonl:10", "b.jsonl:4", "b.jsonl:5"]
+    mixed = sa["mixed_tokens"] + sb["mixed_tokens"]
+    assert mixed == sa["tokens"] + sb["tokens"]  # the rule keeps the unweighted total
+    assert sa["mixed_tokens"] / mixed == pytest.approx(0.25, abs=1e-3)
+    assert sb["mixed_tokens"] / mixed == pytest.approx(0.75, abs=1e-3)
+    assert m["train"]["samples"] == (mixed - 1) // SEQ
+
+
+def test_mix_and_pack_rules():
+    eod = 9
+    a, b = np.array([1, 2, eod, 3, eod]), np.array([4, 5, 6, eod, 7, 8, 7, 8, eod, 5, eod])
+    ma, mb = mix_streams([a, b], [1.0, 1.0], eod)
+    assert len(ma) == len(mb) == 8
+    assert ma.tolist() == [1, 2, eod, 3, eod, 1, 2, eod]  # repeated whole, then a prefix
+    assert mb.tolist() == [4, 5, 6, eod, 7, 8, 7, eod]  # truncated; ends on a document boundary
+    (same,) = mix_streams([b], [0.3], eod)
+    assert same is b
+    x = pack_samples(np.arange(11), 4)  # (2, 5): the tail token 9..10 is dropped
+    assert x.tolist() == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8]]
+    assert pack_samples(np.arange(4), 4).shape == (0, 5)
+
+
+def test_existing_tokenizer(prepared, tmp_path):
+    cfg, _ = prepared
+    given = tmp_path / "given.json"
+    shutil.copyfile(Path(cfg.data.dir) / "tokenizer.json", given)
+    cfg2 = _cfg(tmp_path / "data", [SourceConfig(kind="txt", path=cfg.data.sources[0].path)], f"data.tokenizer={given}")
+    m = prepare_data(cfg2, log=lambda s: None)
+    assert (tmp_path / "data" / "tokenizer.json").read_bytes() == given.read_bytes()
+    assert m["tokenizer_sha256"] == json.loads((Path(cfg.data.dir) / "manifest.json").read_text())["tokenizer_sha256"]
+    with TokenSamples(cfg, "train") as x, TokenSamples(cfg2, "train") as y:
+        assert len(x) == len(y) and all(torch.equal(x[i], y[i]) for i in range(len(x)))
+    logs: list[str] = []
+    prepare_data(cfg2, log=logs.append)
+    assert "up to date" in " ".join(logs)
+
+    cfg3 = _cfg(tmp_path / "data3", cfg2.data.sources, f"data.tokenizer={given}",
+                f"model.vocab_size={m['vocab_size'] - 1}")
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        prepare_data(cfg3, log=lambda s: None)
+
+
+def test_shard_override_pattern(prepared, train_samples, tmp_path):
+    cfg, _ = prepared
+    m = json.loads((Path(cfg.data.dir) / "manifest.json").read_text())
+    last = len(m["train"]["shards"]) - 1
+    # copies without a manifest beside them: samples are counted by scanning the tars
+    for s in m["train"]["shards"]:
+        shutil.copyfile(Path(cfg.data.dir) / s["url"], tmp_path / s["url"])
+    pattern = str(tmp_path / f"train-{{000000..{last:06d}}}.tar")
+    cfg2 = _cfg(Path(cfg.data.dir), cfg.data.sources, f"data.train_shards={pattern}")
+    with TokenSamples(cfg2, "train") as samples:
+        assert samples.manifest is None and len(samples) == len(train_samples)
+        assert all(torch.equal(samples[i], train_samples[i]) for i in range(len(samples)))
+    cfg3 = _cfg(Path(cfg.data.dir), cfg.data.sources, f"data.train_shards={pattern}", f"data.seq_len={SEQ * 2}")
+    with pytest.raises(ConfigError, match="data.seq_len"):
+        TokenSamples(cfg3, "train")
+
+
+def test_shakespeare_source(tmp_path):
+    cfg = _cfg(tmp_path / "data", [SourceConfig(kind="shakespeare")], "data.seq_len=256", "data.samples_per_shard=4096")
+    m = prepare_data(cfg, log=lambda s: None)
+    (src,) = m["sources"]
+    assert src["documents"] == 36 and src["val_documents"] == 2
+    assert m["held_out"] == ["tragedies/romeo-and-juliet", "tragedies/timon-of-athens"]
+    assert m["val"]["samples"] > 0 and m["train"]["samples"] > 10 * m["val"]["samples"]
+    with TokenSamples(cfg, "val") as val:
+        tok = Tokenizer.from_file(str(tmp_path / "data" / "tokenizer.json"))
+        assert "Romeo" in tok.decode(val[0].tolist())
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_missing_folder_and_too_few_documents(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        prepare_data(_cfg(tmp_path / "data", [SourceConfig(kind="txt", path=str(missing))]), log=lambda s: None)
+    _txt_corpus(tmp_path / "docs", n=2)
+    with pytest.raises(ConfigError, match="data.val_documents"):
+        prepare_data(_cfg(tmp_path / "data", [SourceConfig(kind="txt", path=str(tmp_path / "docs"))]),
+                     log=lambda s: None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no documents"):
+        prepare_data(_cfg(tmp_path / "data", [SourceConfig(kind="txt", path=str(tmp_path / "empty"))]),
+                     log=lambda s: None)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ('{"text": "fine"}\n{"text": "also fine"}\n{"text": oops}\n', r"bad\.jsonl.*line 3 is not valid JSON"),
+    ('{"text": "fine"}\n{"body": "no text field"}\n', r"line 2 has no string field 'text'"),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path, bad, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(bad)
+    cfg = _cfg(tmp_path / "data", [SourceConfig(kind="jsonl", path=str(path))], "data.val_documents=0")
+    with pytest.raises(ConfigError, match=match):
+        prepare_data(cfg, log=lambda s: None)
+
+
+def test_loading_errors(prepared, tmp_path):
+    cfg, _ = prepared
+    manifest = str(Path(cfg.data.dir) / "manifest.json")
+    wrong_len = _cfg(Path(cfg.data.dir), cfg.data.sources, f"data.seq_len={SEQ * 2}")
+    with pytest.raises(ConfigError, match="data.seq_len") as err:
+        TokenSamples(wrong_len, "train")
+    assert manifest in str(err.value)
+    small_vocab = _cfg(Path(cfg.data.dir), cfg.data.sources, "model.vocab_size=64")
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        TokenSamples(small_vocab, "val")
+    with pytest.raises(FileNotFoundError, match="dsv3 prepare-data"):
+        TokenSamples(_cfg(tmp_path / "absent", cfg.data.sources), "train")
+
+
+# --------------------------------------------------------------------------- data order
+
+
+def test_stream_indices_epochs_and_seeds():
+    n = 13
+    full = stream_indices(n, 7, 0, 4 * n)
+    epochs = [full[e * n:(e + 1) * n] for e in range(4)]
+    assert all(sorted(e) == list(range(n)) for e in epochs)  # a permutation within each epoch
+    assert len({tuple(e) for e in epochs}) == 4  # a fresh order every epoch
+    for start, count in ((0, 5), (10, 7), (12, 30), (26, 0)):  # windows across epoch boundaries
+        assert stream_indices(n, 7, start, count) == full[start:start + count]
+    assert stream_indices(n, 8, 0, n) != epochs[0]  # the seed changes the order
+
+
+# batch sizes as with a batch-size ramp: every one divides over 4 ranks x micro-batch 2
+BATCHES = [8, 16, 8, 24, 16, 8, 32, 8]
+
+
+def _global_batch(streams: list[BatchStream], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate every rank's micro-batches of one step: (size, seq_len) tokens and targets."""
+    parts = [mb for s in streams for mb in s.next(size)]
+    assert all(t.shape == y.shape == (s.micro_batch_size, SEQ) for s in streams for t, y in parts[:1])
+    return torch.cat([t for t, _ in parts]), torch.cat([y for _, y in parts])
+
+
+def test_global_batch_independent_of_world_and_micro_batch(train_samples):
+    n = len(train_samples)
+    sizes = BATCHES * (2 * n // sum(BATCHES) + 1)  # enough steps to cross two epoch boundaries
+    assert n % 8  # so the boundaries fall inside a batch
+    consumed = 0
+    reference = []
+    for size in sizes:
+        x = torch.stack([train_samples[i] for i in stream_indices(n, 5, consumed, size)])
+        reference.append((x[:, :-1], x[:, 1:]))
+        consumed += size
+    for world in (1, 2, 4):
+        for mb in (1, 2):
+            streams = [BatchStream(train_samples, 5, r, world, mb) for r in range(world)]
+            for (tokens, targets), size in zip(reference, sizes):
+                got_tokens, got_targets = _global_batch(streams, size)
+                assert torch.equal(got_tokens, tokens) and torch.equal(got_targets, targets), (world, mb)
+            assert all(s.consumed == sum(sizes) for s in streams)
+
+
+def test_batch_stream_resume_and_seed(train_samples):
+    a = BatchStream(train_samples, 11, rank=1, world_size=2, micro_batch_size=2)
+    for size in BATCHES[:3]:
+        a.next(size)
+    state = a.state_dict()
+    assert state == {"consumed": sum(BATCHES[:3]), "seed": 11}
+    rest = [a.next(size) for size in BATCHES[3:]]
+    b = BatchStream(train_samples, 999, rank=1, world_size=2, micro_batch_size=2)
+    b.load_state_dict(state)
+    for want, size in zip(rest, BATCHES[3:]):
+        got = b.next(size)
+        assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(got, want))
+    other = BatchStream(train_samples, 12, rank=1, world_size=2, micro_batch_size=2, consumed=state["consumed"])
+    assert not torch.equal(other.next(BATCHES[3])[0][0], rest[0][0][0])
+    with pytest.raises(ValueError, match="ranks"):
+        a.next(7)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        a.next(6)  # 3 per rank, micro-batch 2
+
+
+def test_eval_batches_split_by_sample(prepared):
+    cfg, _ = prepared
+    with TokenSamples(cfg, "val") as val:
+        n = len(val)
+        n_batches, size = 7, 8
+        assert n_batches * size > n  # wraps around the val split
+        want = torch.stack([val[i % n] for i in range(n_batches * size)])  # (56, seq_len + 1)
+        for world in (1, 2, 4):
+            per_rank = [eval_batches(val, n_batches, size, r, world) for r in range(world)]
+            assert all(len(b) == n_batches for b in per_rank)
+            tokens = torch.cat([per_rank[r][b][0] for b in range(n_batches) for r in range(world)])
+            targets = torch.cat([per_rank[r][b][1] for b in range(n_batches) for r in range(world)])
+            assert torch.equal(tokens, want[:, :-1]) and torch.equal(targets, want[:, 1:])

@@ -1,0 +1,67 @@
+"""Run-config loading: YAML + dotted overrides, typed, validated, errors naming key and file."""
+
+from __future__ import annotations
+
+import pytest
+
+from model import ConfigError
+from train.config import load_config, save_config
+
+SMOKE = "configs/smoke.yaml"
+
+
+def test_smoke_loads_and_overrides_apply():
+    cfg = load_config(SMOKE, ["optim.lr=1e-3", "train.steps=7", "model.rope_scaling={factor: 2.0}"])
+    assert cfg.optim.lr == 1e-3 and cfg.train.steps == 7
+    assert cfg.model.rope_scaling.factor == 2.0
+    assert cfg.data.sources[0].kind == "shakespeare"
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("optim.lrr=1", "optim.lrr"),  # unknown key
+        ("train.steps=ten", "train.steps"),  # wrong type
+        ("model.n_group=3", "model.n_group"),  # model cross-field
+        ("parallel.ep=3", "parallel.ep"),  # EP must divide experts
+        ("parallel.zero_stage=3", "parallel.zero_stage"),
+        ("data.seq_len=100000", "data.seq_len"),
+        ("logging.wandb=maybe", "logging.wandb"),
+        ("schedule.lr=linear", "schedule.lr"),
+    ],
+)
+def test_bad_values_name_key_and_file(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, [override])
+    msg = str(err.value)
+    assert key in msg and SMOKE in msg, msg
+
+
+def test_unknown_section_and_bad_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modell:\n  hidden_size: 3\n")
+    with pytest.raises(ConfigError, match="modell"):
+        load_config(bad)
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_batch_layout_must_divide():
+    cfg = load_config(SMOKE, ["train.micro_batch_size=4", "train.global_batch_size=12"])
+    cfg.batch_layout(3)
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        cfg.batch_layout(2)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(SMOKE, ["train.seed=7"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("name", ["smoke.yaml", "single_gpu.yaml", "16b.yaml", "671b.yaml"])
+def test_shipped_configs_load(name):
+    load_config(f"configs/{name}")

@@ -1,0 +1,146 @@
+"""`dsv3`: the one entry point. Each subcommand parses its arguments and calls a function that
+tests call too. A bad config or argument exits with status 2 and a one-line message naming the
+key and the file; no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from model import ConfigError
+
+EPILOG = "Overrides use the YAML's dotted keys, e.g. optim.lr=1e-3 train.steps=50."
+
+
+def _config(args):
+    from .config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_prepare_data(args) -> int:
+    from .data import prepare_data
+
+    manifest = prepare_data(_config(args), log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({k: manifest[k] for k in ("seq_len", "vocab_size") if k in manifest}))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .loop import train
+
+    cfg = _config(args)
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0 and result.val_loss is not None:
+        print(f"final step {result.step}: val_loss {result.val_loss:.4f}"
+              + (f" (first {result.first_val_loss:.4f})" if result.first_val_loss is not None else ""))
+        if cfg.train.sample_tokens > 0:
+            from .sample import sample_text
+
+            text = sample_text(result.run_dir, cfg.train.sample_prompt, cfg.train.sample_tokens)
+            print(f"--- sample ({cfg.train.sample_prompt!r}) ---\n{text}\n---")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .sample import sample_text
+
+    print(sample_text(args.run_dir, args.prompt, args.tokens, args.temperature, args.top_p, args.seed))
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from model import hf
+
+    from .sample import load_run
+
+    _, model, ckpt = load_run(args.run_dir)
+    hf.save_pretrained(model, args.out_dir)
+    tok = Path(args.run_dir) / "tokenizer.json"
+    if tok.is_file():
+        (Path(args.out_dir) / "tokenizer.json").write_bytes(tok.read_bytes())
+    print(f"exported {ckpt} to {args.out_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from model import hf
+
+    from . import checkpoint as ckpt_io
+    from .config import load_config, save_config
+
+    model = hf.from_pretrained(args.hf_dir)
+    cfg = load_config(args.config, args.overrides)
+    cfg.model = model.cfg
+    cfg.train.run_dir = str(args.out_run_dir)
+    cfg.validate()
+    out = Path(args.out_run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    tok = Path(args.hf_dir) / "tokenizer.json"
+    if tok.is_file():
+        (out / "tokenizer.json").write_bytes(tok.read_bytes())
+    ckpt = ckpt_io.save_weights_only(model.state_dict(), out, model.cfg)
+    print(f"wrote {ckpt}; start training from it with train.resume={out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 reference training system.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name, help_, fn):
+        sp = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG)
+        sp.add_argument("config", help="run config YAML (configs/*.yaml)")
+        sp.add_argument("overrides", nargs="*", help="dotted.key=value")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    with_config("prepare-data", "tokenise the configured corpus into webdataset shards", cmd_prepare_data)
+    with_config("train", "train (resumes per train.resume; torchrun/launch start several ranks)", cmd_train)
+
+    sp = sub.add_parser("sample", help="generate text from a run's newest checkpoint")
+    sp.add_argument("run_dir")
+    sp.add_argument("prompt")
+    sp.add_argument("--tokens", type=int, default=80)
+    sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    sp.add_argument("--top-p", type=float, default=0.95)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_sample)
+
+    sp = sub.add_parser("export-hf", help="write a run's newest checkpoint as an HF DeepseekV3 directory")
+    sp.add_argument("run_dir")
+    sp.add_argument("out_dir")
+    sp.set_defaults(fn=cmd_export_hf)
+
+    sp = sub.add_parser(
+        "import-hf", help="make a run directory from an HF DeepseekV3 checkpoint (weights only)",
+        epilog="Options go before the positional arguments: dsv3 import-hf --config configs/smoke.yaml HF_DIR "
+               "OUT_RUN_DIR train.steps=100",
+    )
+    sp.add_argument("--config", default=None, help="YAML for the other sections (data, optim, ...)")
+    sp.add_argument("hf_dir")
+    sp.add_argument("out_run_dir")
+    sp.add_argument("overrides", nargs="*", help="dotted.key=value for the other sections")
+    sp.set_defaults(fn=cmd_import_hf)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"dsv3 {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"dsv3 {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

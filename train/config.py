@@ -1,0 +1,252 @@
+"""The run configuration: one typed dataclass per section, loaded from YAML with dotted overrides.
+
+OmegaConf's structured configs do the type checking: an unknown key or a value of the wrong
+type raises at load time, and `load_config` turns that into a ConfigError that names the key
+and the file. Cross-field checks live in `Config.validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from model import ConfigError, ModelConfig
+
+
+@dataclass
+class SourceConfig:
+    """One text source for prepare-data."""
+
+    kind: str = "shakespeare"  # shakespeare (embedded plays) | txt (folder of .txt) | jsonl
+    path: str | None = None  # folder (txt) or file (jsonl); unused for shakespeare
+    text_field: str = "text"  # jsonl: the field holding the document
+    weight: float = 1.0  # mixing weight: documents are repeated/subsampled to this share
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/shakespeare"  # prepared shards, tokenizer.json and manifest.json
+    seq_len: int = 256  # tokens per training sequence (each sample holds seq_len + 1)
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    tokenizer: str | None = None  # an existing HF tokenizer.json; null trains a byte-level BPE
+    val_documents: int = 2  # documents (plays) held out whole per source for validation
+    samples_per_shard: int = 1024
+    train_shards: str | None = None  # override: shard URLs/brace pattern (webdataset syntax)
+    val_shards: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate
+    min_lr: float = 3e-5  # floor of the decay
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to norm weights
+    grad_clip: float = 1.0  # global grad-norm clip; 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    # Every schedule is a function of the step alone, never of train.steps.
+    lr: str = "cosine"  # cosine | wsd | constant | deepseek
+    warmup_steps: int = 100
+    decay_steps: int = 1000  # cosine: steps from end of warmup to min_lr; wsd: length of the decay
+    stable_steps: int = 0  # wsd: steps at peak before the decay
+    # deepseek (report §4.2, in steps): warmup, constant to const_until, cosine to min_lr until
+    # cosine_until, then min_lr; final_lr for steps >= final_from.
+    const_until: int = 0
+    cosine_until: int = 0
+    final_from: int | None = None
+    final_lr: float | None = None
+    bias_update_rate: float = 1e-3  # γ of the aux-loss-free update
+    bias_update_stop: int | None = None  # step from which γ = 0 (report: the last 500B tokens)
+    mtp_weight: float = 0.3  # λ
+    mtp_weight_late: float = 0.1  # λ from mtp_weight_switch on
+    mtp_weight_switch: int | None = None
+    batch_ramp_start: int | None = None  # sequences at step 1; null = no ramp
+    batch_ramp_steps: int = 0  # steps over which the batch grows to train.global_batch_size
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    seed: int = 1234
+    run_dir: str = "runs/smoke"
+    resume: str = "auto"  # auto | never | PATH of a checkpoint or run directory
+    micro_batch_size: int = 8  # sequences per rank per forward
+    global_batch_size: int = 16  # sequences per optimizer step over all ranks
+    eval_interval: int = 50
+    eval_batches: int = 4
+    device: str = "auto"  # auto | cpu | cuda
+    sample_prompt: str = "**ROMEO**"  # the plays are markdown: speakers in bold
+    sample_tokens: int = 80
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1  # expert-parallel size
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
+    timeout_s: int = 600  # collective timeout; a lost rank surfaces within it
+
+
+@dataclass
+class FP8Config:
+    backend: str = "emulated"  # te | emulated
+    recipe: str = "blockwise"  # blockwise | current | delayed | mxfp8
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100  # optimizer steps between checkpoints (the last step always saves)
+    keep: int = 2  # newest checkpoints kept
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"  # online | offline | disabled
+    project: str = "dsv3"
+    interval: int = 10  # steps between metrics.jsonl rows (eval steps and the last step always log)
+    heatmap_interval: int = 100  # steps between expert-load heatmaps in W&B
+    progress: bool = True  # tqdm bar on rank 0
+    peak_tflops: float | None = None  # device peak for MFU; null = look up or measure
+
+
+@dataclass
+class LaunchConfig:
+    nodes: int = 1
+    gpus_per_node: int = 1
+    tasks_per_node: int | None = None  # default: gpus_per_node (one task per GPU)
+    cpus_per_task: int = 8
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = 60
+    constraint: str | None = None
+    mem_gb: int | None = None
+    exclusive: bool = False
+    extra_sbatch: list[str] = field(default_factory=list)
+    log_dir: str = "slurm_logs"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def validate(self) -> None:
+        """Checks across fields and sections (ModelConfig checks itself)."""
+        self.model.validate()
+        t, p = self.train, self.parallel
+        for key in ("steps", "micro_batch_size", "global_batch_size", "eval_interval", "eval_batches"):
+            if getattr(t, key) <= 0:
+                raise ConfigError(f"train.{key}", getattr(t, key), "must be a positive integer")
+        if t.resume not in ("auto", "never") and not t.resume:
+            raise ConfigError("train.resume", t.resume, "auto, never or a checkpoint path")
+        _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+        if self.data.seq_len <= 1 or self.data.seq_len > self.model.max_position_embeddings:
+            raise ConfigError(
+                "data.seq_len", self.data.seq_len,
+                f"between 2 and model.max_position_embeddings={self.model.max_position_embeddings}",
+            )
+        if p.zero_stage not in (0, 1, 2):
+            raise ConfigError("parallel.zero_stage", p.zero_stage, "0, 1 or 2 (ZeRO-3 does not combine with MoE)")
+        if p.ep <= 0 or self.model.n_routed_experts % p.ep:
+            raise ConfigError("parallel.ep", p.ep, f"must divide model.n_routed_experts={self.model.n_routed_experts}")
+        _choice("schedule.lr", self.schedule.lr, ("cosine", "wsd", "constant", "deepseek"))
+        _choice("logging.wandb", self.logging.wandb, ("online", "offline", "disabled"))
+        _choice("fp8.backend", self.fp8.backend, ("te", "emulated"))
+        _choice("fp8.recipe", self.fp8.recipe, ("blockwise", "current", "delayed", "mxfp8"))
+        for s in self.data.sources:
+            _choice("data.sources.kind", s.kind, ("shakespeare", "txt", "jsonl"))
+            if s.kind != "shakespeare" and not s.path:
+                raise ConfigError("data.sources.path", s.path, f"required for kind={s.kind}")
+            if s.weight <= 0:
+                raise ConfigError("data.sources.weight", s.weight, "must be positive")
+        if self.optim.lr <= 0 or self.optim.min_lr < 0:
+            raise ConfigError("optim.lr", self.optim.lr, "lr must be positive and min_lr >= 0")
+        if self.checkpoint.interval <= 0 or self.checkpoint.keep <= 0:
+            raise ConfigError("checkpoint.interval/keep", None, "must be positive integers")
+        if self.logging.interval <= 0:
+            raise ConfigError("logging.interval", self.logging.interval, "must be a positive integer")
+
+    def batch_layout(self, world_size: int) -> None:
+        """Check that the global batch splits into micro-batches on `world_size` ranks."""
+        t = self.train
+        per_step = t.micro_batch_size * world_size
+        sizes = [t.global_batch_size]
+        if self.schedule.batch_ramp_start is not None:
+            sizes.append(self.schedule.batch_ramp_start)
+        for size in sizes:
+            if size % per_step:
+                raise ConfigError(
+                    "train.global_batch_size", size,
+                    f"must be a multiple of micro_batch_size × world size = {t.micro_batch_size} × {world_size}",
+                )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(key: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, f"one of {', '.join(map(str, allowed))}")
+
+
+def _omegaconf_error(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(err).splitlines()[0]
+    return ConfigError(key, None, f"{msg} (in {source})")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """YAML file + dotted `key=value` overrides -> validated Config. Raises ConfigError."""
+    schema = OmegaConf.structured(Config)
+    source = str(path) if path else "defaults"
+    try:
+        merged = schema
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError("config", str(p), "file not found")
+            try:
+                raw = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError("config", str(p), f"not valid YAML: {err}") from None
+            merged = OmegaConf.merge(merged, OmegaConf.create(raw))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(item, None, "overrides are dotted.key=value")
+        if overrides:
+            source = f"{source} + overrides"
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err, source) from None
+    except ConfigError as err:
+        if "(in " not in err.allowed:
+            err.args = (f"{err.args[0]} (in {source})",)
+        raise
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        err.args = (f"{err.args[0]} (in {source})",)
+        raise
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

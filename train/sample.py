@@ -1,0 +1,66 @@
+"""Text generation from a finished (or running) run, so a user can see what the model learned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model import DeepSeekV3
+
+from . import checkpoint as ckpt_io
+from .config import Config, load_config
+
+
+def load_run(run_dir: str | Path, checkpoint: str | None = None) -> tuple[Config, DeepSeekV3, Path]:
+    """A run directory -> (its resolved config, the model with its newest complete checkpoint's weights, that checkpoint)."""
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file}: not found; is {run_dir} a dsv3 run directory?")
+    cfg = load_config(cfg_file)
+    ckpt = ckpt_io.resolve_resume(checkpoint or str(run_dir), run_dir)
+    meta = ckpt_io.read_meta(ckpt)
+    ckpt_io.check_model_matches(meta, cfg.model, ckpt)
+    model = DeepSeekV3(cfg.model)
+    model.load_state_dict(ckpt_io.load_model_weights(ckpt))
+    return cfg, model.eval(), ckpt
+
+
+@torch.no_grad()
+def generate(model: DeepSeekV3, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, stop_id: int | None = None, seed: int = 0) -> list[int]:
+    """Greedy (temperature 0) or nucleus sampling. Recomputes the whole window per token: no KV
+    cache, which is fine at smoke scale and keeps this obviously correct."""
+    g = torch.Generator().manual_seed(seed)
+    ids = list(prompt_ids)
+    window = model.cfg.max_position_embeddings
+    for _ in range(max_new_tokens):
+        x = torch.tensor([ids[-window:]])
+        logits = model(x)[0, -1].float()  # (vocab,)
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < top_p  # smallest set whose mass reaches top_p
+            sorted_p = sorted_p * keep
+            nxt = int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=g)])
+        if stop_id is not None and nxt == stop_id:
+            break
+        ids.append(nxt)
+    return ids
+
+
+def sample_text(run_dir: str | Path, prompt: str, max_new_tokens: int = 80, temperature: float = 0.8,
+                top_p: float = 0.95, seed: int = 0) -> str:
+    from tokenizers import Tokenizer
+
+    cfg, model, _ = load_run(run_dir)
+    tok_file = Path(run_dir) / "tokenizer.json"
+    if not tok_file.is_file():
+        raise FileNotFoundError(f"{tok_file}: the run has no tokenizer (written at the start of training)")
+    tok = Tokenizer.from_file(str(tok_file))
+    stop = tok.token_to_id("<|endoftext|>")
+    ids = generate(model, tok.encode(prompt).ids, max_new_tokens, temperature, top_p, stop, seed)
+    return tok.decode(ids)
