@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup smoke test clean
+.PHONY: setup smoke test test-slurm clean
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,13 @@ smoke: setup
 	$(VENV)/bin/dsv3 train configs/smoke.yaml
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# The SLURM tests against a throwaway cluster on this machine (root; apt-get install slurm-wlm munge).
+test-slurm: setup
+	tests/slurm/cluster.sh start
+	DSV3_REQUIRE_SLURM=1 SLURM_CONF=$${DSV3_SLURM_DIR:-/tmp/dsv3-slurm}/slurm.conf $(PY) -m pytest -q tests/slurm; \
+		status=$$?; tests/slurm/cluster.sh stop; exit $$status
 
 clean:
 	rm -rf $(VENV) runs data wandb .pytest_cache

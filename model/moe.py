@@ -56,7 +56,9 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:
         """x (N, hidden) -> Routing."""
         cfg = self.cfg
-        logits = F.linear(x.float(), self.weight.float())  # (N, E), fp32 as in the report
+        # fp32 as in the report (§3.3 keeps the gating module in high precision), even under autocast
+        with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):
+            logits = F.linear(x.float(), self.weight.float())  # (N, E)
         if cfg.scoring_func == "sigmoid":
             scores = logits.sigmoid()
         else:
@@ -97,6 +99,8 @@ class RoutedExperts(nn.Module):
         self.num_experts, self.impl = num_experts, impl
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        # (x, w, counts) -> rows; parallel/fp8.py swaps in an FP8 GEMM from outside
+        self.gemm = grouped_mm
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """x (N, hidden), topk_idx/topk_weight (N, top_k) -> (N, hidden) weighted sum of expert outputs."""
@@ -131,8 +135,8 @@ class RoutedExperts(nn.Module):
 
         Also the entry point for expert parallelism, which hands in the tokens it received.
         """
-        gate, up = grouped_mm(xs, self.gate_up_proj, counts).chunk(2, dim=-1)  # (rows, I) each
-        return grouped_mm(F.silu(gate) * up, self.down_proj, counts)
+        gate, up = self.gemm(xs, self.gate_up_proj, counts).chunk(2, dim=-1)  # (rows, I) each
+        return self.gemm(F.silu(gate) * up, self.down_proj, counts)
 
 
 def _grouped_mm_supported(x: torch.Tensor) -> bool:

@@ -19,6 +19,11 @@ import torch.distributed as dist
 
 from model import ConfigError, DeepSeekV3
 
+from .fp8 import apply_fp8
+
+from .expert_parallel import apply_expert_parallel, is_expert_param
+from .groups import ExpertLayout, build_expert_layout
+
 
 @dataclass
 class DistInfo:
@@ -62,14 +67,21 @@ def init_distributed(device_choice: str, timeout_s: int) -> DistInfo:
 
 
 def param_groups(model: DeepSeekV3, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on norm weights (1-D parameters)."""
+    """AdamW groups: weight decay on matrices, none on norm weights (1-D parameters). Expert
+    shards (expert parallelism) go into groups of their own, which DeepSpeed's ZeRO partitions
+    over the expert-data-parallel group instead of the world."""
     decay, no_decay = [], []
     for p in model.parameters():
         (no_decay if p.dim() < 2 else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+    groups_ = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
+    if any(is_expert_param(p) for p in model.parameters()):
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups_ = split_params_into_different_moe_groups_for_optimizer(groups_)
+    return [g for g in groups_ if g["params"]]
 
 
 def deepspeed_config(cfg, world_size: int, bf16: bool) -> dict:
@@ -87,16 +99,21 @@ def deepspeed_config(cfg, world_size: int, bf16: bool) -> dict:
 
 
 def build_engine(model: DeepSeekV3, cfg, info: DistInfo):
-    """Wrap the model in a DeepSpeed engine; returns the engine."""
+    """Shard the experts (EP), wrap the model in a DeepSpeed engine; returns (engine, layout)."""
     import deepspeed
 
     precision = cfg.model.precision
-    if precision == "fp8":
-        raise ConfigError("model.precision", precision, "FP8 training is not available yet; use fp32 or bf16")
-    bf16 = precision == "bf16"
+    bf16 = precision == "bf16"  # fp8 keeps DeepSpeed in fp32: fp32 master weights and grads (parallel/fp8.py)
     if bf16 and info.device.type == "cpu":
         raise ConfigError("model.precision", precision, "bf16 training needs a GPU here; use fp32 on CPU")
+    if bf16 and cfg.parallel.ep > 1 and cfg.parallel.zero_stage == 0:
+        # DeepSpeed's bf16 optimizer (ZeRO-0) computes the clipping norm in a way we do not
+        # correct for expert shards (install_global_grad_norm covers fp32 ZeRO-0 and ZeRO-1/2).
+        raise ConfigError("parallel.zero_stage", 0, "expert parallelism with bf16 needs ZeRO stage 1 or 2")
+    layout = build_expert_layout(cfg.parallel.ep, cfg.model.n_routed_experts)
+    apply_expert_parallel(model, layout)
     model.to(info.device)
+    apply_fp8(model, cfg, info.device, verbose=info.rank == 0)  # FP8 GEMMs in before the optimizer sees params
     o = cfg.optim
     optimizer = torch.optim.AdamW(
         param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
@@ -105,7 +122,8 @@ def build_engine(model: DeepSeekV3, cfg, info: DistInfo):
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, info.world_size, bf16),
     )
     keep_router_bias_fp32(model)
-    return engine
+    install_global_grad_norm(engine, layout)
+    return engine, layout
 
 
 def keep_router_bias_fp32(model: DeepSeekV3) -> None:
@@ -135,13 +153,77 @@ def check_same_on_all_ranks(t: torch.Tensor, what: str) -> None:
         raise RuntimeError(f"{what} differs between ranks ({bad.item()} rank(s) disagree with rank 0)")
 
 
-def grad_norm_before_step(engine) -> float | None:
-    """Global L2 norm of the reduced, unclipped gradients, read just before engine.step() at the
-    accumulation boundary. Under ZeRO-0 DeepSpeed clips without recording the norm, so it is
-    computed here; ZeRO-1/2 hold partitioned gradients and report it via get_global_grad_norm()."""
-    if engine.zero_optimization_stage() > 0:
-        return None
-    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+def global_grad_norm(dense_sq: torch.Tensor, expert_sq: torch.Tensor, layout: ExpertLayout,
+                     partitioned: bool) -> torch.Tensor:
+    """The L2 norm of the whole model's gradient, each dense parameter and each expert counted
+    once, from this rank's sums of squares (fp32 scalars).
+
+    Unpartitioned (ZeRO-0): every rank holds all dense grads and its EP shard's expert grads, so
+    expert squares are summed over the EP group. Partitioned (ZeRO-1/2): each rank holds a slice
+    of the dense grads (sliced over the world) and of its shard's expert grads (sliced over the
+    EDP group), so both are summed over the world.
+    """
+    if partitioned:
+        total = dense_sq + expert_sq
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        return total.sqrt()
+    if layout.ep > 1:
+        dist.all_reduce(expert_sq, group=layout.ep_group)
+    return (dense_sq + expert_sq).sqrt()
+
+
+def install_global_grad_norm(engine, layout: ExpertLayout) -> None:
+    """Make DeepSpeed clip (and report) with the true global gradient norm.
+
+    DeepSpeed averages per-rank norms over the data-parallel group, which under expert
+    parallelism mixes norms of different expert shards: the result is not the norm of the
+    model's gradient. We replace the two places it computes the norm: ZeRO-0's fp32 clipping
+    and ZeRO-1/2's `scaled_global_norm`. With ep = 1 the result equals DeepSpeed's.
+    """
+    import types
+
+    def squares(tensors_and_params):
+        dense = torch.zeros((), dtype=torch.float32)
+        expert = torch.zeros((), dtype=torch.float32)
+        for g, p in tensors_and_params:
+            if g is None:
+                continue
+            sq = g.detach().float().pow(2).sum().cpu()
+            if is_expert_param(p):
+                expert += sq
+            else:
+                dense += sq
+        return dense, expert
+
+    if engine.zero_optimization_stage() == 0:
+        def clip_fp32_gradients(self):
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            dense, expert = squares((p.grad, p) for p in params)
+            norm = global_grad_norm(dense, expert, layout, partitioned=False)
+            self._global_grad_norm = norm.item()
+            coef = min(1.0, self.gradient_clipping() / (self._global_grad_norm + 1e-6))
+            if coef < 1.0:
+                for p in params:
+                    p.grad.mul_(coef)
+
+        engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
+    else:
+        opt = engine.optimizer
+
+        def scaled_global_norm(self, norm_type=2):
+            # DeepSpeed only builds is_moe_param_group when the model has MoE layers
+            moe_group = self.is_moe_param_group if hasattr(self, "is_moe_param_group") else None
+            dense = torch.zeros((), dtype=torch.float32)
+            expert = torch.zeros((), dtype=torch.float32)
+            for i, grads in self.averaged_gradients.items() if isinstance(self.averaged_gradients, dict) \
+                    else enumerate(self.averaged_gradients):
+                sq = sum((g.detach().float().pow(2).sum().cpu() for g in grads if g is not None),
+                         torch.zeros((), dtype=torch.float32))
+                if moe_group is not None and moe_group[i]:
+                    expert += sq
+                else:
+                    dense += sq
+            return global_grad_norm(dense, expert, layout, partitioned=True).to(self.device)
+
+        opt.scaled_global_norm = types.MethodType(scaled_global_norm, opt)

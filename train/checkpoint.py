@@ -1,13 +1,21 @@
-"""Training checkpoints: DeepSpeed's engine state plus what the loop needs to continue exactly.
+"""Training checkpoints in a per-parameter format of our own, reshardable across EP and world size.
 
-Layout: RUN_DIR/checkpoints/step_00000120/ holds DeepSpeed's files (model states, optimizer
-partitions) and `dsv3_meta.json`, written last by rank 0 once every rank has saved. A
-directory without it is incomplete and never resumed from. The client state inside the
-DeepSpeed checkpoint carries the step, the data position and the RNG states; the routing
-biases travel with the model's buffers.
+Layout of RUN_DIR/checkpoints/step_00000120/:
 
-A weights-only checkpoint (made by `dsv3 import-hf`) has `model.safetensors` and a meta file
-with `"weights_only": true`: training starts from those weights at step 0 with a fresh optimizer.
+    model-dense.safetensors                 every non-expert parameter and buffer (fp32 master values)
+    model-experts-ep{r}-of-{ep}.safetensors expert shard r: layer tensors holding experts [r·E/ep, (r+1)·E/ep)
+    optim-dense.safetensors                 AdamW exp_avg / exp_avg_sq of the dense parameters
+    optim-experts-ep{r}-of-{ep}.safetensors the same for expert shard r
+    state.pt                                step, optimizer step count, data position, RNG states
+    dsv3_meta.json                          written last, by rank 0, once every rank has saved
+
+Why not DeepSpeed's save_checkpoint: its MoE path assumes DeepSpeed's own expert module names,
+and its ZeRO files are tied to the world size. Here every tensor is stored whole (experts split
+only by shard), keyed by the model's parameter names, so a checkpoint saved at EP=2 on 4 ranks
+loads at EP=1 on 1 rank or EP=4 on 8: each rank reads what it needs and slices its experts.
+
+A directory without `dsv3_meta.json` is incomplete and never resumed from. A weights-only
+checkpoint (`dsv3 import-hf`) has only the model files and `"weights_only": true`.
 """
 
 from __future__ import annotations
@@ -20,10 +28,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from model import ConfigError, ModelConfig
 
 META = "dsv3_meta.json"
+EXPERT_KEYS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def is_expert_name(name: str) -> bool:
+    return name.endswith(EXPERT_KEYS)
 
 
 def tag_for(step: int) -> str:
@@ -91,51 +107,212 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict, model_cfg: ModelConfig, keep: int, rank: int) -> Path:
+# ------------------------------------------------------------------ reading and writing tensors
+def _zero_partitioned(engine) -> bool:
+    return hasattr(next(iter(engine.module.parameters())), "_hp_mapping")
+
+
+def _link_optimizer_state(engine) -> None:
+    """Point DeepSpeed's per-parameter views at the optimizer moments of every param group.
+
+    DeepSpeed links them once, right after the first param group's first step, when the other
+    groups' states do not exist yet, so moments of groups 2.. stay unreachable through
+    safe_get/set_full_optimizer_state. Re-linking once the states exist fixes that."""
+    opt = engine.optimizer
+    if not hasattr(opt, "_hp_optimizer_states_linked"):
+        return
+    # Before the first step (a resume) the moments do not exist yet: create them as AdamW would.
+    # ZeRO-1/2 keep the fp32 partitions in single_partition_of_fp32_groups, the bf16 optimizer
+    # in fp32_groups_flat_partition.
+    flats = opt.single_partition_of_fp32_groups if hasattr(opt, "single_partition_of_fp32_groups") \
+        else opt.fp32_groups_flat_partition
+    for flat in flats:
+        state = opt.optimizer.state[flat]
+        if "exp_avg" not in state:
+            state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+    opt._hp_optimizer_states_linked = False
+    opt._lazy_init_hp_params_optimizer_state()
+
+
+def _full_master(engine, p: torch.nn.Parameter) -> torch.Tensor:
+    """fp32 master value of a parameter, whole (collective over its data-parallel group under ZeRO)."""
+    if _zero_partitioned(engine):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p).detach().float().cpu()
+    return p.detach().float().cpu()
+
+
+def _full_adam(engine, p: torch.nn.Parameter, key: str) -> torch.Tensor:
+    if _zero_partitioned(engine):
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        return safe_get_full_optimizer_state(p, key).detach().float().cpu()
+    state = engine.optimizer.state.get(p, {})
+    return state[key].detach().float().cpu() if key in state else torch.zeros_like(p, dtype=torch.float32).cpu()
+
+
+def _optimizer_step_count(engine) -> int:
+    opt = engine.optimizer.optimizer if _zero_partitioned(engine) else engine.optimizer
+    for state in opt.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def _writer_files(ep: int, ep_rank: int) -> tuple[str, str]:
+    return f"model-experts-ep{ep_rank}-of-{ep}.safetensors", f"optim-experts-ep{ep_rank}-of-{ep}.safetensors"
+
+
+def save(engine, layout, run_dir: Path, step: int, client_state: dict, model_cfg: ModelConfig, keep: int,
+         rank: int) -> Path:
+    """Every rank calls this (the gathers are collective); rank 0 and the first replica of each
+    expert shard write."""
     root = run_dir / "checkpoints"
-    tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    if dist.is_initialized():
-        dist.barrier()
-    ckpt = root / tag
+    ckpt = root / tag_for(step)
+    partial = root / (tag_for(step) + ".partial")
     if rank == 0:
-        meta = {"step": step, "model": model_cfg.to_dict(), "weights_only": False}
-        tmp = ckpt / (META + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        tmp.rename(ckpt / META)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    _barrier()
+    _link_optimizer_state(engine)
+    dense, dense_opt, experts, experts_opt = {}, {}, {}, {}
+    for name, p in engine.module.named_parameters():
+        value = _full_master(engine, p)
+        moments = {k: _full_adam(engine, p, k) for k in ADAM_KEYS}
+        target, target_opt = (experts, experts_opt) if is_expert_name(name) else (dense, dense_opt)
+        target[name] = value
+        for k, v in moments.items():
+            target_opt[f"{k}.{name}"] = v
+    for name, b in engine.module.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            dense[name] = b.detach().float().cpu()
+    writes_experts = layout.rank < layout.ep  # first replica of each shard
+    if writes_experts:
+        model_file, optim_file = _writer_files(layout.ep, layout.ep_rank)
+        save_file(experts, str(partial / model_file))
+        save_file(experts_opt, str(partial / optim_file))
+    if rank == 0:
+        save_file(dense, str(partial / "model-dense.safetensors"))
+        save_file(dense_opt, str(partial / "optim-dense.safetensors"))
+        torch.save({**client_state, "optimizer_step": _optimizer_step_count(engine)}, partial / "state.pt")
+    _barrier()
+    if rank == 0:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        partial.rename(ckpt)
+        meta = {"step": step, "model": model_cfg.to_dict(), "weights_only": False, "ep": layout.ep,
+                "world_size": layout.world_size}
+        (ckpt / (META + ".tmp")).write_text(json.dumps(meta, indent=1))
+        (ckpt / (META + ".tmp")).rename(ckpt / META)
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
     return ckpt
 
 
-def load(engine, ckpt: Path) -> dict:
-    """Restore engine state (model, optimizer); returns the client state."""
-    load_path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    if load_path is None:
-        raise FileNotFoundError(f"{ckpt}: DeepSpeed could not load this checkpoint")
-    return client
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _expert_files(ckpt: Path, prefix: str) -> list[Path]:
+    """A checkpoint's expert shard files of one kind, in shard order."""
+    files = list(ckpt.glob(f"{prefix}-experts-ep*-of-*.safetensors"))
+    return sorted(files, key=lambda f: int(f.name.split("-ep")[1].split("-of-")[0]))
+
+
+def _read(files: list[Path], names: set[str] | None = None) -> dict[str, list[torch.Tensor]]:
+    """name -> tensors from each file holding it, in file order."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                if names is None or k in names:
+                    out.setdefault(k, []).append(fh.get_tensor(k))
+    return out
+
+
+def read_full(ckpt: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Every tensor of one kind ("model" or "optim") with experts concatenated whole."""
+    dense = ckpt / f"{prefix}-dense.safetensors"
+    if not dense.is_file():
+        raise FileNotFoundError(f"{ckpt}: no {dense.name} (not a dsv3 checkpoint, or an incomplete one)")
+    out = {k: v[0] for k, v in _read([dense]).items()}
+    for k, parts in _read(_expert_files(ckpt, prefix)).items():
+        out[k] = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return out
 
 
 def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The model's state dict from a checkpoint directory, without an engine (sample, export)."""
-    if read_meta(ckpt).get("weights_only"):
-        from safetensors.torch import load_file
+    """The model's full state dict from a checkpoint directory (sample, export, weights-only start)."""
+    return read_full(ckpt, "model")
 
-        return load_file(str(ckpt / "model.safetensors"))
-    files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"{ckpt}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint?)")
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
-    return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
+
+def load(engine, layout, ckpt: Path) -> dict:
+    """Restore model and optimizer state into this rank's (possibly resharded) engine; returns
+    the client state (step, data position, RNG)."""
+    weights = read_full(ckpt, "model")
+    moments = read_full(ckpt, "optim")
+    client = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    load_weights_into(engine, layout, weights)
+    first, last = layout.expert_range
+    partitioned = _zero_partitioned(engine)
+    _link_optimizer_state(engine)
+    for name, p in engine.module.named_parameters():
+        for key in ADAM_KEYS:
+            value = moments[f"{key}.{name}"]
+            if is_expert_name(name):
+                value = value[first:last]
+            if partitioned:
+                from deepspeed.utils import safe_set_full_optimizer_state
+
+                safe_set_full_optimizer_state(p, value.to(p.device), key)
+            else:
+                state = engine.optimizer.state[p]
+                state[key] = value.to(device=p.device, dtype=torch.float32).clone()
+    step_count = client["optimizer_step"]
+    inner = engine.optimizer.optimizer if partitioned else engine.optimizer
+    if partitioned:
+        targets = list(inner.state.values())
+    else:
+        targets = [inner.state[p] for p in engine.module.parameters()]
+    for state in targets:
+        old = state.get("step")
+        state["step"] = torch.tensor(float(step_count)) if old is None or torch.is_tensor(old) else step_count
+    return client
+
+
+def load_weights_into(engine, layout, weights: dict[str, torch.Tensor]) -> None:
+    """Set module parameters (and ZeRO's fp32 masters) and routing biases from full tensors."""
+    first, last = layout.expert_range
+    partitioned = _zero_partitioned(engine)
+    missing = [n for n, _ in engine.module.named_parameters() if n not in weights]
+    if missing:
+        raise KeyError(f"checkpoint lacks {missing[0]} (and {len(missing) - 1} more)")
+    with torch.no_grad():
+        for name, p in engine.module.named_parameters():
+            value = weights[name]
+            if is_expert_name(name):
+                value = value[first:last]
+            if value.shape != p.shape:
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(value.shape)}, model {tuple(p.shape)}")
+            p.copy_(value.to(p.dtype))
+            if partitioned:
+                from deepspeed.utils import safe_set_full_fp32_param
+
+                safe_set_full_fp32_param(p, value.to(device=p.device, dtype=torch.float32))
+        for name, b in engine.module.named_buffers():
+            if name in weights:
+                b.copy_(weights[name].to(b.dtype))
 
 
 def save_weights_only(state_dict: dict[str, torch.Tensor], run_dir: Path, model_cfg: ModelConfig) -> Path:
-    from safetensors.torch import save_file
-
+    """A step-0 checkpoint holding only weights (from `dsv3 import-hf`, or tests)."""
     ckpt = run_dir / "checkpoints" / tag_for(0)
     ckpt.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(ckpt / "model.safetensors"))
+    dense = {k: v.contiguous().float() for k, v in state_dict.items() if not is_expert_name(k)}
+    experts = {k: v.contiguous().float() for k, v in state_dict.items() if is_expert_name(k)}
+    save_file(dense, str(ckpt / "model-dense.safetensors"))
+    save_file(experts, str(ckpt / _writer_files(1, 0)[0]))
     (ckpt / META).write_text(json.dumps({"step": 0, "model": model_cfg.to_dict(), "weights_only": True}, indent=1))
     return ckpt

@@ -88,6 +88,65 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .plan import format_plan, plan
+
+    result = plan(_config(args), mfu=args.mfu, peak_tflops=args.peak_tflops)
+    print(json.dumps(result) if args.json else format_plan(result))
+    return 0
+
+
+def cmd_launch_slurm(args) -> int:
+    from launch.slurm import LaunchError, require_slurm, submit, wait, wandb_line
+
+    try:
+        require_slurm()  # before the config: without SLURM nothing else matters
+        cfg = _config(args)
+        job = submit(cfg)
+    except LaunchError as err:
+        print(f"dsv3 launch slurm: error: {err}", file=sys.stderr)
+        return 2
+    out = job.to_dict()
+    if not args.json:
+        print("\n".join(job.lines()), flush=True)
+    if not args.wait:
+        if args.json:
+            print(json.dumps(out))
+        return 0
+    final = wait(job.job_id)
+    out.update(state=final.get("JobState"), exit_code=final.get("ExitCode"), restarts=final.get("Restarts"),
+               wandb=wandb_line(cfg, job.run_dir))
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"job {job.job_id}: {out['state']} (exit code {out['exit_code']}, restarts {out['restarts']})")
+        if cfg.logging.wandb == "online":
+            print(f"  W&B: {out['wandb']}")
+    return 0 if out["state"] == "COMPLETED" else 1
+
+
+def cmd_launch_local(args) -> int:
+    from launch.local import launch_local
+
+    return launch_local(args.config, args.nproc, args.overrides, log=lambda m: print(m, file=sys.stderr))
+
+
+def _options_anywhere(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Let options stand between CONFIG and the overrides (`dsv3 plan CONFIG --json k=v`): argparse
+    otherwise binds every positional before the first option and rejects the overrides after it."""
+    plain = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        parser.parse_known_args = plain  # parse_known_intermixed_args calls parse_known_args itself
+        try:
+            return parser.parse_known_intermixed_args(args, namespace)
+        finally:
+            parser.parse_known_args = parse_known_args
+
+    parser.parse_known_args = parse_known_args
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 reference training system.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -126,6 +185,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("out_run_dir")
     sp.add_argument("overrides", nargs="*", help="dotted.key=value for the other sections")
     sp.set_defaults(fn=cmd_import_hf)
+
+    sp = _options_anywhere(with_config(
+        "plan", "parameters, FLOPs/token, per-GPU memory, fit and GPU-hours of a config's layout", cmd_plan))
+    sp.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    sp.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="dense peak per GPU in TFLOP/s (default 989: H100/H800 BF16)")
+    sp.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    launch = sub.add_parser("launch", help="start training on several processes: SLURM (submitit) or torchrun")
+    where = launch.add_subparsers(dest="where", required=True)
+    sp = _options_anywhere(where.add_parser(
+        "slurm", help="submit to SLURM via submitit (nodes, GPUs, partition, ... from the launch: section)",
+        description="Submit `dsv3 train CONFIG` to SLURM: one task per GPU, rendezvous from SLURM's "
+                    "variables; SIGUSR2 (time limit, preemption) checkpoints and requeues, scancel "
+                    "checkpoints and stops.", epilog=EPILOG))
+    sp.add_argument("config", help="run config YAML (configs/*.yaml)")
+    sp.add_argument("overrides", nargs="*", help="dotted.key=value")
+    sp.add_argument("--wait", action="store_true", help="block until the job ends; exit 0 if it COMPLETED")
+    sp.add_argument("--json", action="store_true", help="one JSON object on stdout (job id, logs, run dir, W&B)")
+    sp.set_defaults(fn=cmd_launch_slurm)
+    sp = _options_anywhere(where.add_parser(
+        "local", help="torchrun on this machine", epilog=EPILOG,
+        description="Run `dsv3 train CONFIG` under torchrun --standalone with N processes (OMP_NUM_THREADS=1 "
+                    "on CPU unless set)."))
+    sp.add_argument("config", help="run config YAML (configs/*.yaml)")
+    sp.add_argument("--nproc", type=int, required=True, help="processes (one per GPU)")
+    sp.add_argument("overrides", nargs="*", help="dotted.key=value")
+    sp.set_defaults(fn=cmd_launch_local)
     return p
 
 

@@ -86,11 +86,18 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     sample_prompt: str = "**ROMEO**"  # the plays are markdown: speakers in bold
     sample_tokens: int = 80
+    # Recompute each block's activations in backward, keeping only block inputs. Read by `dsv3 plan`
+    # only: the trainer does not implement it yet and trains as if it were false.
+    activation_checkpointing: bool = False
 
 
 @dataclass
 class ParallelConfig:
     ep: int = 1  # expert-parallel size
+    # Node-limited routing (report §2.1.2): each token's experts on at most topk_group EP ranks.
+    # It is the model's group-limited routing with groups aligned to ranks; true requires every
+    # rank to hold whole groups (model.n_group divisible by ep), which makes the bound hold.
+    node_limited_routing: bool = False
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
     timeout_s: int = 600  # collective timeout; a lost rank surfaces within it
 
@@ -119,19 +126,27 @@ class LoggingConfig:
 
 @dataclass
 class LaunchConfig:
+    """`dsv3 launch slurm` (submitit) and `dsv3 plan`. One task per GPU; rendezvous from SLURM's variables."""
+
     nodes: int = 1
-    gpus_per_node: int = 1
+    gpus_per_node: int = 1  # 0 = a CPU job (gloo); then tasks_per_node says how many ranks per node
     tasks_per_node: int | None = None  # default: gpus_per_node (one task per GPU)
-    cpus_per_task: int = 8
+    cpus_per_task: int = 8  # also OMP_NUM_THREADS in the job unless the environment sets it
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time_min: int = 60
+    time_min: int = 60  # SLURM time limit; submitit checkpoints and requeues before it
     constraint: str | None = None
-    mem_gb: int | None = None
+    mem_gb: int | None = None  # per node; null = the partition's default
     exclusive: bool = False
-    extra_sbatch: list[str] = field(default_factory=list)
-    log_dir: str = "slurm_logs"
+    extra_sbatch: list[str] = field(default_factory=list)  # more sbatch flags, e.g. ["--reservation=big"]
+    log_dir: str | None = None  # submitit's logs and pickles; null = RUN_DIR/slurm (must be on a shared filesystem)
+    job_name: str = "dsv3"
+    setup: list[str] = field(default_factory=list)  # shell lines run before srun, e.g. ["module load cuda/12.4"]
+    env: dict[str, str] = field(default_factory=dict)  # set in every task, e.g. {NCCL_SOCKET_IFNAME: ib0}
+    signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: must cover one step plus a checkpoint
+    max_timeouts: int = 3  # requeues after hitting the time limit (preemptions are not counted)
+    gpu_mem_gb: float = 80.0  # memory per GPU that `dsv3 plan` checks the layout against
 
 
 @dataclass
@@ -166,6 +181,12 @@ class Config:
             raise ConfigError("parallel.zero_stage", p.zero_stage, "0, 1 or 2 (ZeRO-3 does not combine with MoE)")
         if p.ep <= 0 or self.model.n_routed_experts % p.ep:
             raise ConfigError("parallel.ep", p.ep, f"must divide model.n_routed_experts={self.model.n_routed_experts}")
+        if p.node_limited_routing and self.model.n_group % p.ep:
+            raise ConfigError(
+                "parallel.node_limited_routing", True,
+                f"needs model.n_group={self.model.n_group} divisible by parallel.ep={p.ep}, so each rank holds "
+                "whole expert groups and a token reaches at most model.topk_group ranks",
+            )
         _choice("schedule.lr", self.schedule.lr, ("cosine", "wsd", "constant", "deepseek"))
         _choice("logging.wandb", self.logging.wandb, ("online", "offline", "disabled"))
         _choice("fp8.backend", self.fp8.backend, ("te", "emulated"))

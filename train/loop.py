@@ -9,6 +9,7 @@ micro-batches and all ranks; metrics, evaluation and checkpoints on their interv
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 from model import DeepSeekV3
 from parallel import engine as pe
+from parallel import fp8
 
 from . import checkpoint as ckpt_io
 from . import schedule
@@ -34,6 +36,7 @@ class TrainResult:
     first_val_loss: float | None
     run_dir: Path
     sample: str | None = None
+    stopped_by: str | None = None  # "SIGTERM" or "SIGUSR2" when a signal ended the run early
 
 
 def _log0(rank: int, msg: str) -> None:
@@ -49,14 +52,61 @@ def evaluate(engine, batches, info: pe.DistInfo) -> float:
     module.eval()
     total = torch.zeros(2, dtype=torch.float64)
     for tokens, targets in batches:
-        out = module(tokens.to(info.device), targets.to(info.device))
+        with fp8.autocast(module):  # a no-op context unless FP8 (and bf16 autocast) on GPU
+            out = module(tokens.to(info.device), targets.to(info.device))
         total += torch.tensor([out.lm_loss.item(), 1.0], dtype=torch.float64)
     pe.all_reduce_(total)
     module.train(was_training)
     return (total[0] / total[1]).item()
 
 
+class StopRequest:
+    """Graceful stop on SIGTERM (scancel, kill) and SIGUSR2 (submitit: SLURM preemption or time limit).
+
+    The handler only records the signal. The loop asks `agreed()` once per optimizer step: an
+    all-reduce (MAX) over ranks, since a signal reaches ranks at slightly different moments, so
+    every rank decides at the same step; they then save through the usual checkpoint path and
+    return. What follows is the launcher's call: launch/slurm.py requeues on SIGUSR2 through
+    submitit, and any other caller simply ends with status 0.
+    """
+
+    CODES = {signal.SIGTERM: 1, signal.SIGUSR2: 2}  # the higher wins: a requeue request outranks a stop
+    NAMES = {0: None, 1: "SIGTERM", 2: "SIGUSR2"}
+
+    def __init__(self):
+        self.code = 0
+        self.agreed_reason: str | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in self.CODES:
+            try:
+                self._previous[sig] = signal.signal(sig, self._record)
+            except ValueError:  # not the main thread: no handlers, the run never stops early
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():  # e.g. submitit's own handlers
+            signal.signal(sig, previous)
+
+    def _record(self, signum, frame) -> None:
+        self.code = max(self.code, self.CODES[signum])
+
+    def agreed(self, device: torch.device) -> str | None:
+        """Collective (every rank, same step): the strongest signal any rank has received, or None."""
+        flag = torch.tensor([self.code], device=device)
+        pe.all_reduce_(flag, op=dist.ReduceOp.MAX)
+        self.agreed_reason = self.NAMES[int(flag.item())]
+        return self.agreed_reason
+
+
 def train(cfg: Config) -> TrainResult:
+    with StopRequest() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     info = pe.init_distributed(cfg.train.device, cfg.parallel.timeout_s)
     rank, world = info.rank, info.world_size
     cfg.batch_layout(world)
@@ -70,7 +120,7 @@ def train(cfg: Config) -> TrainResult:
         ckpt_io.check_model_matches(meta, cfg.model, resume_from)
         if meta.get("weights_only"):
             model.load_state_dict(ckpt_io.load_model_weights(resume_from))
-    engine = pe.build_engine(model, cfg, info)
+    engine, layout = pe.build_engine(model, cfg, info)
 
     train_samples = TokenSamples(cfg, "train")
     val_samples = TokenSamples(cfg, "val")
@@ -80,7 +130,7 @@ def train(cfg: Config) -> TrainResult:
 
     step = 0
     if meta and not meta.get("weights_only"):
-        client = ckpt_io.load(engine, resume_from)
+        client = ckpt_io.load(engine, layout, resume_from)
         step = client["step"]
         stream.load_state_dict(client["data"])
         ckpt_io.set_rng_state(client["rng"])
@@ -108,7 +158,7 @@ def train(cfg: Config) -> TrainResult:
     counts = model.parameter_counts()
     _log0(rank, startup_summary(cfg, world, counts))
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    compute_dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float32
+    compute_dtype = torch.float32 if cfg.model.precision == "fp32" else torch.bfloat16  # fp8: vs the bf16 peak
     peak, peak_src = peak_flops(info.device, compute_dtype, cfg.logging.peak_tflops)
     _log0(rank, f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_src}); {fpt / 1e6:.4g} MFLOP/token")
 
@@ -141,12 +191,10 @@ def train(cfg: Config) -> TrainResult:
         micro = stream.next(batch)
         if info.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(info.device)
-        grad_norm = None
         for i, (tokens, targets) in enumerate(micro):
-            out = engine(tokens.to(info.device), targets.to(info.device), mtp_weight=lam)
+            with fp8.autocast(engine.module, first_microbatch=i == 0):  # TE reuses FP8 weight casts after i = 0
+                out = engine(tokens.to(info.device), targets.to(info.device), mtp_weight=lam)
             engine.backward(out.loss)
-            if i == len(micro) - 1:
-                grad_norm = pe.grad_norm_before_step(engine)
             engine.step()
             c = out.expert_counts.detach().to(torch.float64).cpu()
             expert_counts = c if expert_counts is None else expert_counts + c
@@ -160,9 +208,8 @@ def train(cfg: Config) -> TrainResult:
         gamma = schedule.bias_update_rate(cfg, step)
         if gamma > 0 and step_counts.numel():
             engine.module.update_routing_bias(step_counts.to(info.device), gamma)
-        if grad_norm is None:
-            reported = engine.get_global_grad_norm()
-            grad_norm = float(reported) if reported is not None else None
+        reported = engine.get_global_grad_norm()  # the true global norm (parallel.engine), before clipping
+        grad_norm = float(reported) if reported is not None else None
         dt = time.perf_counter() - t0
         tokens_per_s = batch * cfg.data.seq_len / dt
         if bar is not None:
@@ -185,11 +232,16 @@ def train(cfg: Config) -> TrainResult:
             )
         if row_val is not None:
             _log0(rank, f"step {step}: loss {means[0].item():.4f} val_loss {row_val:.4f}")
-        if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps:
+        stop_signal = stop.agreed(info.device)  # a signal on any rank: all save now, then return
+        if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps or stop_signal:
             for i, moe in enumerate(engine.module.moe_layers()):
                 pe.check_same_on_all_ranks(moe.gate.e_score_correction_bias, f"routing bias of MoE layer {i}")
             client = {"step": step, "data": stream.state_dict(), "rng": ckpt_io.rng_state()}
-            ckpt_io.save(engine, run_dir, step, client, cfg.model, cfg.checkpoint.keep, rank)
+            ckpt_io.save(engine, layout, run_dir, step, client, cfg.model, cfg.checkpoint.keep, rank)
+
+        if stop_signal:
+            _log0(rank, f"{stop_signal}: saved a checkpoint at step {step}, stopping")
+            break
 
     if bar is not None:
         bar.close()
@@ -198,7 +250,7 @@ def train(cfg: Config) -> TrainResult:
     val_samples.close()
     if dist.is_initialized():
         dist.barrier()
-    return TrainResult(step, val_loss, first_val, run_dir)
+    return TrainResult(step, val_loss, first_val, run_dir, stopped_by=stop.agreed_reason)
 
 
 def _peak_memory(device: torch.device) -> int:

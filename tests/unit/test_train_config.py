@@ -62,6 +62,6 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "config.yaml") == cfg
 
 
-@pytest.mark.parametrize("name", ["smoke.yaml", "single_gpu.yaml", "16b.yaml", "671b.yaml"])
+@pytest.mark.parametrize("name", ["smoke.yaml", "single_gpu.yaml", "ep_debug.yaml", "16b.yaml", "671b.yaml"])
 def test_shipped_configs_load(name):
     load_config(f"configs/{name}")

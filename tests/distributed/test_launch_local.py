@@ -1,0 +1,43 @@
+"""`dsv3 launch local configs/ep_debug.yaml --nproc 2 parallel.ep=2` logs the same per-step losses as
+`--nproc 1 parallel.ep=1`: the same global batches (DESIGN.md data order), experts split over two
+ranks by all-to-all.
+
+Tolerance 1e-4 absolute on losses of ~8 (about 1e-5 relative). Two ranks sum gradients in
+another fp32 order than one, and 12 steps of training (with a clipped gradient spike at step 10)
+amplify that: seen max |Δloss| 1.9e-5 and |Δval_loss| 3.8e-5 for EP=2 on 2 ranks, and 1.5e-5 for
+plain data parallelism on 2 ranks (no EP) against the same one-process run. The exact
+equivalence of the EP machinery itself is tested step by step in test_expert_parallel.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import rows, run_cli
+
+pytestmark = pytest.mark.distributed
+
+
+def test_ep2_on_two_ranks_matches_one_process(tmp_path):
+    data = tmp_path / "data"
+    common = [f"data.dir={data}", "train.steps=12", "train.eval_interval=6", "checkpoint.interval=12"]
+    run_cli("prepare-data", "configs/ep_debug.yaml", *common)
+    runs = {}
+    for nproc, ep in ((1, 1), (2, 2)):
+        run = tmp_path / f"ep{ep}"
+        run_cli("launch", "local", "configs/ep_debug.yaml", "--nproc", str(nproc), f"parallel.ep={ep}",
+                *common, f"train.run_dir={run}")
+        runs[ep] = rows(run)
+    one, two = runs[1], runs[2]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(13))
+    for a, b in zip(one, two):
+        for key in ("loss", "lm_loss", "mtp_loss", "val_loss"):
+            if a[key] is None:
+                assert b[key] is None, (key, a["step"])
+            else:
+                assert abs(a[key] - b[key]) <= 1e-4, (key, a["step"], a[key], b[key])
+        if a["grad_norm"] is not None:
+            # Gradients are far more sensitive than losses to fp32 summation order: at this
+            # config's step-10 spike the norm differs by ~0.1% between 1 and 2 ranks even with
+            # plain data parallelism (no EP), while losses agree to 1e-5.
+            assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-2 * a["grad_norm"], a["step"]

@@ -1,0 +1,111 @@
+"""Launching without a SLURM cluster: the clear refusal, `dsv3 launch local`, and the graceful
+stop on SIGTERM that SLURM's scancel relies on, checked on a plain `dsv3 train`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from launch import local
+from tests.slurm.jobs import wait_for_step
+from tests.support import REPO, rows, run_cli
+
+
+def test_launch_slurm_without_sbatch_exits_2_with_one_line(tmp_path):
+    # PATH holds nothing: no sbatch, srun or scontrol (python is started by its absolute path)
+    proc = run_cli("launch", "slurm", "configs/smoke.yaml", check=False, env={"PATH": str(tmp_path)})
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "SLURM not found" in proc.stderr and "sbatch" in proc.stderr and "launch local" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_launch_local_builds_torchrun_and_sets_omp_on_cpu(monkeypatch):
+    seen = {}
+
+    def fake_call(cmd, env):
+        seen.update(cmd=cmd, env=env)
+        return 0
+
+    monkeypatch.setattr(local.subprocess, "call", fake_call)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    overrides = ["train.device=cpu", "train.micro_batch_size=8"]
+    rc = local.launch_local("configs/smoke.yaml", 2, overrides, log=lambda m: None)
+    assert rc == 0
+    assert seen["cmd"] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "train.cli", "train", "configs/smoke.yaml", *overrides]
+    assert seen["env"]["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a value the user set stays
+    local.launch_local("configs/smoke.yaml", 2, overrides, log=lambda m: None)
+    assert seen["env"]["OMP_NUM_THREADS"] == "3"
+
+
+def test_launch_local_refuses_a_batch_that_does_not_split():
+    # smoke.yaml: global batch 16 of micro-batches of 16 cannot spread over 3 ranks; exit 2 before torchrun
+    proc = run_cli("launch", "local", "configs/smoke.yaml", "--nproc", "3", check=False)
+    assert proc.returncode == 2 and "train.global_batch_size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.distributed
+def test_launch_local_trains_two_ranks(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    # options between CONFIG and the overrides, as documented
+    run_cli("launch", "local", "configs/smoke.yaml", "--nproc", "2", *tiny_data, f"train.run_dir={run}",
+            "train.steps=3", "checkpoint.interval=3")
+    assert [r["step"] for r in rows(run)] == [0, 1, 2, 3]
+    assert (run / "checkpoints" / "step_00000003" / "dsv3_meta.json").is_file()
+
+
+def test_sigterm_saves_and_exits_0_then_resumes(tiny_data, tmp_path):
+    """kill -TERM a plain `dsv3 train`: it saves at the next step and exits 0; a rerun resumes there."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train.cli", "train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}",
+         "train.steps=2000", "checkpoint.interval=1000"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for_step(run, 3, timeout_s=120)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    saved = [line for line in err.splitlines() if line.startswith("SIGTERM: saved a checkpoint at step")]
+    assert len(saved) == 1, err[-3000:]
+    step = int(saved[0].split("step ")[1].split(",")[0])
+    assert 3 <= step < 2000
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step_{step:08d}"]
+    again = run_cli("train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}", f"train.steps={step + 2}")
+    assert f"resumed from {run / 'checkpoints' / f'step_{step:08d}'} at step {step}" in again.stderr
+    assert [r["step"] for r in rows(run)] == list(range(step + 3))
+
+
+def test_launch_section_becomes_sbatch_flags(tmp_path):
+    """Every launch: field reaches the sbatch script submitit writes (rendered here without SLURM)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from launch.slurm import sbatch_parameters
+    from train.config import load_config
+
+    cfg = load_config("configs/671b.yaml", [
+        "launch.account=proj42", "launch.qos=high", "launch.constraint=h100", "launch.mem_gb=900",
+        "launch.extra_sbatch=[--reservation=big,--requeue]", "launch.setup=[module load cuda]",
+    ])
+    script = _make_sbatch_string(command="python -m submitit.core._submit x", folder=tmp_path,
+                                 **sbatch_parameters(cfg))
+    for line in ("--nodes=192", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=12", "--partition=gpu",
+                 "--account=proj42", "--qos=high", "--constraint=h100", "--mem=900GB", "--exclusive",
+                 "--time=1440", "--signal=USR2@600", "--job-name=dsv3-671b", "--reservation=big", "--requeue"):
+        assert f"#SBATCH {line}\n" in script, line
+    assert "module load cuda\n" in script and "srun " in script
+    # a CPU job asks for no GPUs and one task per rank it is told
+    cpu = load_config("configs/smoke.yaml", ["launch.gpus_per_node=0", "launch.tasks_per_node=2"])
+    assert "gpus_per_node" not in sbatch_parameters(cpu) and sbatch_parameters(cpu)["ntasks_per_node"] == 2

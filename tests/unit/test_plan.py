@@ -1,0 +1,110 @@
+"""`dsv3 plan`: the 671B numbers against the report, the JSON contract, and how ZeRO, EP,
+precision and activation checkpointing move the per-GPU memory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.support import run_cli
+from train.config import load_config
+from train.plan import plan
+
+PARTS = ("weights", "grads", "optimizer_states", "activations")
+
+
+@pytest.fixture(scope="module")
+def v3() -> dict:
+    """configs/671b.yaml at the report's cost assumptions (MFU 0.40 of 989 TFLOP/s, 4K context)."""
+    return plan(load_config("configs/671b.yaml"), mfu=0.4, peak_tflops=989)
+
+
+def test_671b_parameters_match_the_report(v3):
+    assert abs(v3["params_total"] / 671e9 - 1) < 0.01
+    assert abs(v3["params_active"] / 37e9 - 1) < 0.03
+
+
+def test_671b_flops_and_gpu_hours(v3):
+    # DESIGN.md's convention: 260.6 GFLOP/token with the MTP module, 250.5 without, at 4K context
+    assert v3["flops_per_token"] == pytest.approx(260.6e9, rel=1e-3)
+    assert v3["flops_per_token_without_mtp"] == pytest.approx(250.5e9, rel=1e-3)
+    # report: 180K H800 GPU-hours per trillion tokens; either count is within 10% (183K and 176K)
+    assert v3["gpu_hours_per_trillion_tokens"] == pytest.approx(1e12 * 260.6e9 / (0.4 * 989e12 * 3600), rel=1e-3)
+    for key in ("gpu_hours_per_trillion_tokens", "gpu_hours_per_trillion_tokens_without_mtp"):
+        assert abs(v3[key] / 180e3 - 1) < 0.10, (key, v3[key])
+    assert v3["tokens_per_step"] == 15360 * 4096
+    assert v3["tokens_per_step_ramp_start"] == 3072 * 4096
+
+
+def test_671b_layout_fits_and_zero1_does_not(v3):
+    assert v3["layout"]["world_size"] == 1536 and v3["layout"]["ep"] == 64 and v3["layout"]["zero_stage"] == 2
+    assert v3["fits"] is True
+    zero1 = plan(load_config("configs/671b.yaml", ["parallel.zero_stage=1"]))
+    assert zero1["fits"] is False  # full fp32 gradients of ~28B local parameters do not fit in 80 GB
+
+
+def test_plan_json_is_one_object_on_stdout():
+    proc = run_cli("plan", "configs/671b.yaml", "--json", "--mfu", "0.4", "--peak-tflops", "989")
+    out = json.loads(proc.stdout)  # the whole of stdout is one JSON object
+    assert proc.stdout.strip().count("\n") == 0
+    for key in ("params_total", "params_active", "flops_per_token", "memory_per_gpu_bytes", "fits",
+                "tokens_per_step", "gpu_hours_per_trillion_tokens"):
+        assert key in out
+    assert set(PARTS) | {"total"} <= set(out["memory_per_gpu_bytes"])
+    assert isinstance(out["fits"], bool)
+
+
+def test_overrides_after_options_and_bad_values():
+    proc = run_cli("plan", "configs/16b.yaml", "--json", "parallel.ep=4")  # options may precede overrides
+    assert json.loads(proc.stdout)["layout"]["ep"] == 4
+    proc = run_cli("plan", "configs/16b.yaml", "--mfu", "0", check=False)
+    assert proc.returncode == 2 and "--mfu" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("plan", "configs/16b.yaml", "parallel.ep=3", check=False)
+    assert proc.returncode == 2 and "parallel.ep" in proc.stderr
+
+
+def _plan16(*overrides: str) -> dict:
+    return plan(load_config("configs/16b.yaml", list(overrides)))
+
+
+def test_memory_parts_sum_to_total():
+    for overrides in ((), ("parallel.zero_stage=0",), ("model.precision=fp32",), ("model.precision=fp8",),
+                      ("train.activation_checkpointing=true",)):
+        mem = _plan16(*overrides)["memory_per_gpu_bytes"]
+        assert mem["total"] == sum(mem[k] for k in PARTS)
+        assert all(mem[k] > 0 for k in PARTS)
+
+
+def test_zero_stages_partition_optimizer_then_grads():
+    common = ("parallel.ep=8", "launch.nodes=4", "launch.gpus_per_node=8")  # 32 GPUs, expert-data group 4
+    z0, z1, z2 = (_plan16(*common, f"parallel.zero_stage={s}") for s in (0, 1, 2))
+    m0, m1, m2 = (p["memory_per_gpu_bytes"] for p in (z0, z1, z2))
+    dense, expert_local = z0["params_dense"], z0["params_expert"] / 8
+    # optimizer states (fp32 master + 2 moments = 12 B/param): dense over 32 GPUs, experts over 32/8 = 4
+    assert m0["optimizer_states"] == pytest.approx(12 * (dense + expert_local), rel=1e-6)
+    assert m1["optimizer_states"] == pytest.approx(12 * (dense / 32 + expert_local / 4), rel=1e-6)
+    assert m1["grads"] == m0["grads"] == pytest.approx(4 * (dense + expert_local), rel=1e-6)
+    assert m2["grads"] == pytest.approx(4 * (dense / 32 + expert_local / 4), rel=1e-6)
+    assert m2["optimizer_states"] == m1["optimizer_states"]
+    assert m0["weights"] == m1["weights"] == m2["weights"]  # ZeRO <= 2 never partitions the weights
+
+
+def test_expert_parallel_divides_expert_weights_only():
+    one, eight = _plan16("parallel.ep=1"), _plan16("parallel.ep=8")
+    saved = one["memory_per_gpu_bytes"]["weights"] - eight["memory_per_gpu_bytes"]["weights"]
+    assert saved == pytest.approx(2 * one["params_expert"] * 7 / 8, rel=1e-6)  # bf16 expert weights
+    assert one["memory_per_gpu_bytes"]["activations"] == eight["memory_per_gpu_bytes"]["activations"]
+
+
+def test_precision_and_activation_checkpointing():
+    fp32, bf16, fp8 = (_plan16("parallel.zero_stage=0", f"model.precision={p}") for p in ("fp32", "bf16", "fp8"))
+    w = {name: p["memory_per_gpu_bytes"] for name, p in (("fp32", fp32), ("bf16", bf16), ("fp8", fp8))}
+    # ZeRO-0, EP 8 on 128 GPUs: per GPU dense + experts/8; fp32 keeps no separate master copy
+    local = bf16["params_dense"] + bf16["params_expert"] / 8
+    assert w["fp32"]["optimizer_states"] == pytest.approx(8 * local, rel=1e-6)
+    assert w["bf16"]["optimizer_states"] == pytest.approx(12 * local, rel=1e-6)
+    assert w["fp32"]["weights"] == pytest.approx(2 * w["bf16"]["weights"], rel=1e-6)
+    assert w["bf16"]["weights"] / 2 < w["fp8"]["weights"] < w["bf16"]["weights"]  # embedding/head/router stay bf16
+    ckpt = _plan16("train.activation_checkpointing=true")["memory_per_gpu_bytes"]["activations"]
+    assert ckpt < bf16["memory_per_gpu_bytes"]["activations"] / 3

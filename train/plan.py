@@ -1,0 +1,232 @@
+"""`dsv3 plan CONFIG`: what a config costs before anything runs.
+
+Parameters come from the model built on the meta device (shapes, no storage). FLOPs per token
+follow the project's convention (train.metrics, DESIGN.md), training = forward + backward:
+
+    flops_per_token = 6·N + 3·L·H·(qk_head_dim + v_head_dim)·S
+
+N: activated parameters without the input embedding (routed experts top-k of n; output head,
+MTP blocks and one more head matmul per MTP depth included); L: attention layers with MTP;
+S: data.seq_len, causal half taken. The same without the MTP module is reported beside it.
+
+Memory per GPU, the layout of this system (data parallel over every GPU, expert parallel
+inside it, DeepSpeed ZeRO 0-2; no tensor or pipeline parallelism), world = launch.nodes ×
+GPUs per node:
+
+* weights: dense parameters whole on every GPU, routed experts divided by parallel.ep.
+  Bytes per parameter: fp32 4; bf16 2; fp8 1 for the GEMM weights that run in FP8 and 2 for
+  those the report keeps in BF16 (embedding, output head, router, norms).
+* grads: fp32, 4 B per parameter at every precision (the report keeps weight gradients in FP32;
+  DeepSpeed's bf16 path accumulates them in fp32 too), partitioned only at ZeRO-2.
+* optimizer states: fp32 master weights (none extra for fp32 training: the weights are the
+  master) + two fp32 AdamW moments, partitioned at ZeRO ≥ 1.
+  ZeRO partitions over the data-parallel group of each parameter: dense over all `world` GPUs,
+  experts over the world/ep GPUs holding the same expert shard (the expert-data group).
+* activations: one micro-batch (train.micro_batch_size × data.seq_len tokens) in flight, counted
+  per block from the tensors backward needs (flash-style attention, no S×S scores stored), plus
+  the logits and their fp32 softmax per output head (1 + MTP depth). With
+  train.activation_checkpointing only each block's input is kept and one block is recomputed at
+  a time. Activations are held in the compute dtype (bf16 for bf16 and fp8: the report's FP8
+  caching of some activations would lower this; fp32 on CPU).
+
+`fits` compares the total with launch.gpu_mem_gb less 10% for the CUDA context, allocator
+fragmentation and communication buffers. Transient buffers (ZeRO buckets, all-to-all buffers,
+the unsharded gradient of the layer being reduced) are not counted.
+
+GPU-hours per trillion tokens = 1e12 · flops_per_token / (mfu · peak · 3600).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from model import ConfigError, DeepSeekV3, ModelConfig
+
+from .config import Config
+from .metrics import flops_breakdown, human
+
+RESERVE_FRACTION = 0.10  # of GPU memory kept for context, fragmentation and communication buffers
+FLOP_CONVENTION = ("6*N + 3*L*H*(qk_head_dim + v_head_dim)*S per token, forward+backward; N = activated "
+                   "params without the input embedding, output head and MTP included (+1 head per MTP depth)")
+
+
+def _parameter_groups(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts by how they are stored: routed experts vs dense, and (for fp8) which
+    weights the FP8 GEMMs read vs which stay in BF16."""
+    with torch.device("meta"):
+        model = DeepSeekV3(cfg)
+    counts = model.parameter_counts()
+    groups = {"expert": 0, "dense": 0, "dense_high_precision": 0}
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if ".mlp.experts." in name:
+            groups["expert"] += n
+            continue
+        groups["dense"] += n
+        # report §3.3: embedding, output head, gating and normalisation stay in BF16/FP32
+        if p.dim() < 2 or name.startswith(("embed_tokens.", "lm_head.")) or ".mlp.gate." in name:
+            groups["dense_high_precision"] += n
+    return {**groups, "total": counts["total"], "mtp": counts["mtp"], "active": counts["active"]}
+
+
+def _activation_bytes_per_token(cfg: ModelConfig, act_bytes: int) -> dict[str, float]:
+    """Bytes per token that backward needs, per kind of block, and for the output heads."""
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    qk, nope, rope, v = cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    # MLA: norm in/out; q (low-rank: latent and its norm); kv latent + rope key, its norm, per-head
+    # k_nope|v; q and k after RoPE; attention output (o_proj's input)
+    attn = 2 * d + h * qk
+    if cfg.q_lora_rank is not None:
+        attn += 2 * cfg.q_lora_rank
+    attn += (cfg.kv_lora_rank + rope) + cfg.kv_lora_rank + h * (nope + v) + 2 * h * qk + h * v
+    # SwiGLU MLP: norm in/out, gate and up outputs, their product (down_proj's input)
+    dense_mlp = 2 * d + 3 * cfg.intermediate_size
+    m, k = cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    # MoE: norm in/out; each token dispatched to k experts (input copy, gate/up/product, output);
+    # shared experts; router scores in fp32 count separately below
+    moe_mlp = 2 * d + k * (2 * d + 3 * m) + cfg.n_shared_experts * 3 * m + d
+    router = 2 * cfg.n_routed_experts * 4  # logits and sigmoid/softmax scores, fp32
+    dense_block = (attn + dense_mlp) * act_bytes
+    moe_block = (attn + moe_mlp) * act_bytes + router
+    mtp_extra = 4 * d * act_bytes  # two input norms and the 2d concat that eh_proj reads
+    # each head's logits in the compute dtype plus the fp32 softmax the cross-entropy keeps
+    head = cfg.vocab_size * (act_bytes + 4)
+    return {"dense_block": dense_block, "moe_block": moe_block, "mtp_block": moe_block + mtp_extra,
+            "head": head, "block_input": d * act_bytes}
+
+
+def activation_bytes(cfg: Config) -> float:
+    """Activation memory of one micro-batch on one GPU (see the module docstring)."""
+    mc = cfg.model
+    act_bytes = 4 if mc.precision == "fp32" else 2
+    per = _activation_bytes_per_token(mc, act_bytes)
+    n_dense = mc.first_k_dense_replace
+    n_moe = mc.num_hidden_layers - n_dense
+    depth = mc.num_nextn_predict_layers
+    heads = (1 + depth) * per["head"]
+    embedding = per["block_input"]
+    if cfg.train.activation_checkpointing:
+        # every block's input kept, one block's activations rebuilt at a time in backward
+        largest = max([per["dense_block"]] * bool(n_dense) + [per["moe_block"]] * bool(n_moe)
+                      + [per["mtp_block"]] * bool(depth))
+        per_token = (mc.num_hidden_layers + depth) * per["block_input"] + largest + heads + embedding
+    else:
+        per_token = (n_dense * per["dense_block"] + n_moe * per["moe_block"] + depth * per["mtp_block"]
+                     + heads + embedding)
+    return per_token * cfg.train.micro_batch_size * cfg.data.seq_len
+
+
+def _bytes_per_param(precision: str) -> dict[str, float]:
+    if precision == "fp32":
+        return {"weight": 4, "weight_high": 4, "grad": 4, "master": 0, "moments": 8}
+    if precision == "bf16":
+        return {"weight": 2, "weight_high": 2, "grad": 4, "master": 4, "moments": 8}
+    return {"weight": 1, "weight_high": 2, "grad": 4, "master": 4, "moments": 8}  # fp8
+
+
+def memory_per_gpu(cfg: Config, groups: dict[str, int], world: int) -> dict[str, float]:
+    """Bytes per GPU by part (weights, grads, optimizer_states, activations) and their total."""
+    p = cfg.parallel
+    ep, stage = p.ep, p.zero_stage
+    if world % ep:
+        raise ConfigError("parallel.ep", ep, f"must divide the number of GPUs ({world})")
+    expert_dp = world // ep  # GPUs holding the same expert shard: ZeRO's group for expert params
+    b = _bytes_per_param(cfg.model.precision)
+    dense_low = groups["dense"] - groups["dense_high_precision"]
+    dense_high = groups["dense_high_precision"]
+    expert_local = groups["expert"] / ep  # expert params this GPU holds
+    dense = groups["dense"]
+
+    weights = dense_low * b["weight"] + dense_high * b["weight_high"] + expert_local * b["weight"]
+    grad_parts = (dense / world, expert_local / expert_dp) if stage >= 2 else (dense, expert_local)
+    opt_parts = (dense / world, expert_local / expert_dp) if stage >= 1 else (dense, expert_local)
+    grads = sum(grad_parts) * b["grad"]
+    optimizer = sum(opt_parts) * (b["master"] + b["moments"])
+    activations = activation_bytes(cfg)
+    parts = {"weights": weights, "grads": grads, "optimizer_states": optimizer, "activations": activations}
+    return {**{k: int(round(v)) for k, v in parts.items()}, "total": int(round(sum(parts.values())))}
+
+
+def plan(cfg: Config, mfu: float = 0.4, peak_tflops: float = 989.0) -> dict:
+    """Everything `dsv3 plan` reports, as one JSON-ready dict."""
+    from launch.slurm import tasks_per_node
+
+    if not 0 < mfu <= 1:
+        raise ConfigError("--mfu", mfu, "a fraction in (0, 1]")
+    if peak_tflops <= 0:
+        raise ConfigError("--peak-tflops", peak_tflops, "must be positive")
+    mc, seq = cfg.model, cfg.data.seq_len
+    per_node = tasks_per_node(cfg)
+    world = cfg.launch.nodes * per_node
+    groups = _parameter_groups(mc)
+    flops = flops_breakdown(mc, seq)
+    no_mtp = copy.deepcopy(mc)
+    no_mtp.num_nextn_predict_layers = 0
+    flops_no_mtp = flops_breakdown(no_mtp, seq)["flops_per_token"]
+    peak = peak_tflops * 1e12
+
+    memory = memory_per_gpu(cfg, groups, world)
+    gpu_mem = int(cfg.launch.gpu_mem_gb * 2**30)
+    usable = int(gpu_mem * (1 - RESERVE_FRACTION))
+    tokens_per_step = cfg.train.global_batch_size * seq
+
+    def gpu_hours(fpt: float) -> float:
+        return 1e12 * fpt / (mfu * peak * 3600)
+
+    out = {
+        "params_total": groups["total"],  # main model, as the report counts 671B (MTP apart)
+        "params_mtp": groups["mtp"],
+        "params_active": groups["active"],  # per token, input embedding excluded (N of the FLOP convention)
+        "params_expert": groups["expert"],
+        "params_dense": groups["dense"],
+        "flops_per_token": flops["flops_per_token"],
+        "flops_per_token_without_mtp": flops_no_mtp,
+        "flop_convention": FLOP_CONVENTION,
+        "memory_per_gpu_bytes": memory,
+        "gpu_mem_bytes": gpu_mem,
+        "usable_gpu_mem_bytes": usable,
+        "fits": memory["total"] <= usable,
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_step_ramp_start": (cfg.schedule.batch_ramp_start * seq
+                                       if cfg.schedule.batch_ramp_start is not None else None),
+        "mfu": mfu,
+        "peak_flops": peak,
+        "gpu_hours_per_trillion_tokens": gpu_hours(flops["flops_per_token"]),
+        "gpu_hours_per_trillion_tokens_without_mtp": gpu_hours(flops_no_mtp),
+        "step_time_s": tokens_per_step * flops["flops_per_token"] / (world * mfu * peak),
+        "layout": {
+            "nodes": cfg.launch.nodes, "gpus_per_node": per_node, "world_size": world,
+            "ep": cfg.parallel.ep, "expert_data_parallel": world // cfg.parallel.ep,
+            "zero_stage": cfg.parallel.zero_stage, "precision": mc.precision,
+            "activation_checkpointing": cfg.train.activation_checkpointing,
+            "micro_batch_size": cfg.train.micro_batch_size, "seq_len": seq,
+            "global_batch_size": cfg.train.global_batch_size,
+        },
+    }
+    return out
+
+
+def format_plan(r: dict) -> str:
+    """The plan as a few readable lines."""
+    gib = 2**30
+    m, lay = r["memory_per_gpu_bytes"], r["layout"]
+    parts = ", ".join(f"{k} {m[k] / gib:.1f}" for k in ("weights", "grads", "optimizer_states", "activations"))
+    verdict = "fits" if r["fits"] else "does NOT fit"
+    return "\n".join([
+        f"params: {human(r['params_total'])} total (+{human(r['params_mtp'])} MTP), "
+        f"{human(r['params_active'])} active per token",
+        f"FLOPs/token: {r['flops_per_token'] / 1e9:.1f} G ({r['flops_per_token_without_mtp'] / 1e9:.1f} G without MTP);"
+        f" {r['flop_convention']}",
+        f"layout: {lay['nodes']} nodes x {lay['gpus_per_node']} = {lay['world_size']} GPUs, EP {lay['ep']}, "
+        f"ZeRO-{lay['zero_stage']}, {lay['precision']}, activation checkpointing "
+        f"{'on' if lay['activation_checkpointing'] else 'off'}, micro-batch {lay['micro_batch_size']} x "
+        f"{lay['seq_len']} tokens",
+        f"memory per GPU (GiB): {parts}; total {m['total'] / gib:.1f} of {r['usable_gpu_mem_bytes'] / gib:.1f} "
+        f"usable -> {verdict}",
+        f"tokens/step: {r['tokens_per_step']:,}; step time ~{r['step_time_s']:.1f} s at MFU {r['mfu']:.2f} of "
+        f"{r['peak_flops'] / 1e12:.0f} TFLOP/s",
+        f"GPU-hours per trillion tokens: {r['gpu_hours_per_trillion_tokens']:,.0f} "
+        f"({r['gpu_hours_per_trillion_tokens_without_mtp']:,.0f} without MTP)",
+    ])
