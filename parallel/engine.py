@@ -90,7 +90,9 @@ def deepspeed_config(cfg, world_size: int, bf16: bool) -> dict:
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world_size),
-        "gradient_clipping": cfg.optim.grad_clip,
+        # clipping off (0) still goes through the norm code below, which also detects non-finite
+        # gradients; a huge threshold keeps the coefficient at 1
+        "gradient_clipping": cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 1e30,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
@@ -181,7 +183,22 @@ def install_global_grad_norm(engine, layout: ExpertLayout) -> None:
     model's gradient. We replace the two places it computes the norm: ZeRO-0's fp32 clipping
     and ZeRO-1/2's `scaled_global_norm`. With ep = 1 the result equals DeepSpeed's.
     """
+    import math
     import types
+
+    # A non-finite norm (NaN/inf loss or gradients) skips the optimizer step: the flag is set
+    # here, before DeepSpeed steps, and the wrapped torch optimizer's step() does nothing while
+    # it is up. The loop reads engine.dsv3_nonfinite to count and report skipped steps.
+    engine.dsv3_nonfinite = False
+    inner = engine.optimizer.optimizer if engine.zero_optimization_stage() > 0 else engine.optimizer
+    inner_step = inner.step
+
+    def guarded_step(*args, **kwargs):
+        if engine.dsv3_nonfinite:
+            return None
+        return inner_step(*args, **kwargs)
+
+    inner.step = guarded_step
 
     def squares(tensors_and_params):
         dense = torch.zeros((), dtype=torch.float32)
@@ -202,8 +219,9 @@ def install_global_grad_norm(engine, layout: ExpertLayout) -> None:
             dense, expert = squares((p.grad, p) for p in params)
             norm = global_grad_norm(dense, expert, layout, partitioned=False)
             self._global_grad_norm = norm.item()
+            self.dsv3_nonfinite = not math.isfinite(self._global_grad_norm)
             coef = min(1.0, self.gradient_clipping() / (self._global_grad_norm + 1e-6))
-            if coef < 1.0:
+            if coef < 1.0 and not self.dsv3_nonfinite:
                 for p in params:
                     p.grad.mul_(coef)
 
@@ -224,6 +242,8 @@ def install_global_grad_norm(engine, layout: ExpertLayout) -> None:
                     expert += sq
                 else:
                     dense += sq
-            return global_grad_norm(dense, expert, layout, partitioned=True).to(self.device)
+            norm = global_grad_norm(dense, expert, layout, partitioned=True)
+            engine.dsv3_nonfinite = not math.isfinite(norm.item())
+            return norm.to(self.device)
 
         opt.scaled_global_norm = types.MethodType(scaled_global_norm, opt)

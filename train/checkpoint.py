@@ -14,13 +14,16 @@ and its ZeRO files are tied to the world size. Here every tensor is stored whole
 only by shard), keyed by the model's parameter names, so a checkpoint saved at EP=2 on 4 ranks
 loads at EP=1 on 1 rank or EP=4 on 8: each rank reads what it needs and slices its experts.
 
-A directory without `dsv3_meta.json` is incomplete and never resumed from. A weights-only
+A directory without `dsv3_meta.json` is incomplete and never resumed from; the meta file holds a
+manifest (size and sha256 of every file), checked before a resume uses the checkpoint. A weights-only
 checkpoint (`dsv3 import-hf`) has only the model files and `"weights_only": true`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model import ConfigError, ModelConfig
@@ -58,22 +61,86 @@ def read_meta(ckpt: Path) -> dict:
     return json.loads((ckpt / META).read_text())
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """train.resume -> the checkpoint directory to start from, or None for a fresh start."""
+def resolve_resume(resume: str, run_dir: Path, log=None) -> Path | None:
+    """train.resume -> the checkpoint directory to start from, or None for a fresh start.
+
+    Only checkpoints that pass `verify` are used: with `auto` (or a run directory) a damaged
+    newest checkpoint is skipped, said so, and the previous good one taken; a damaged checkpoint
+    named explicitly is an error."""
+    say = log or (lambda msg: None)
     if resume == "never":
         return None
-    if resume == "auto":
-        found = complete_checkpoints(run_dir / "checkpoints")
-        return found[-1] if found else None
     path = Path(resume)
-    if (path / META).is_file():
+    if resume != "auto" and (path / META).is_file():
+        problem = verify(path)
+        if problem:
+            raise ConfigError("train.resume", resume, f"checkpoint fails verification: {problem}")
         return path
-    for root in (path / "checkpoints", path):
+    roots = [run_dir / "checkpoints"] if resume == "auto" else [path / "checkpoints", path]
+    for root in roots:
         found = complete_checkpoints(root)
+        for ckpt in reversed(found):
+            problem = verify(ckpt)
+            if problem is None:
+                return ckpt
+            say(f"checkpoint {ckpt} fails verification ({problem}); falling back to an older one")
         if found:
-            return found[-1]
+            raise ConfigError("train.resume", resume, f"no checkpoint under {root} passes verification")
+    if resume == "auto":
+        return None
     raise ConfigError("train.resume", resume, "no complete checkpoint there (expected a step_* directory with "
                       f"{META}, or a run directory holding checkpoints/)")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify(ckpt: Path) -> str | None:
+    """None if every file listed in the checkpoint's manifest is present with its size and
+    sha256; else what is wrong. (Weights-only checkpoints from import-hf carry a manifest too.)"""
+    try:
+        meta = read_meta(ckpt)
+    except (OSError, ValueError) as err:
+        return f"unreadable {META}: {err}"
+    files = meta.get("files")
+    if not files:
+        return f"{META} has no file manifest"
+    for name, want in files.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["size"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {want['size']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def _write_meta(ckpt: Path, meta: dict) -> None:
+    """Manifest (size + sha256 of every file) into the meta file, written last and atomically."""
+    files = {}
+    for f in sorted(ckpt.iterdir()):
+        if f.is_file() and not f.name.startswith(META):
+            _fsync(f)
+            files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    tmp = ckpt / (META + ".tmp")
+    tmp.write_text(json.dumps({**meta, "files": files}, indent=1))
+    _fsync(tmp)
+    tmp.rename(ckpt / META)
+    _fsync(ckpt)
 
 
 def check_model_matches(meta: dict, cfg: ModelConfig, where: Path) -> None:
@@ -188,24 +255,34 @@ def save(engine, layout, run_dir: Path, step: int, client_state: dict, model_cfg
         if name.endswith("e_score_correction_bias"):
             dense[name] = b.detach().float().cpu()
     writes_experts = layout.rank < layout.ep  # first replica of each shard
-    if writes_experts:
-        model_file, optim_file = _writer_files(layout.ep, layout.ep_rank)
-        save_file(experts, str(partial / model_file))
-        save_file(experts_opt, str(partial / optim_file))
-    if rank == 0:
-        save_file(dense, str(partial / "model-dense.safetensors"))
-        save_file(dense_opt, str(partial / "optim-dense.safetensors"))
-        torch.save({**client_state, "optimizer_step": _optimizer_step_count(engine)}, partial / "state.pt")
+    try:
+        if writes_experts:
+            model_file, optim_file = _writer_files(layout.ep, layout.ep_rank)
+            save_file(experts, str(partial / model_file))
+            save_file(experts_opt, str(partial / optim_file))
+        if rank == 0:
+            save_file(dense, str(partial / "model-dense.safetensors"))
+            save_file(dense_opt, str(partial / "optim-dense.safetensors"))
+            torch.save({**client_state, "optimizer_step": _optimizer_step_count(engine)}, partial / "state.pt")
+    except SafetensorError as err:  # its I/O failures (disk full, size limit) are OSErrors to callers
+        raise OSError(str(err)) from err
     _barrier()
     if rank == 0:
+        # Everything is on disk in *.partial; the manifest (sizes, hashes) is computed there,
+        # the directory renamed, and the meta file written last: a crash at any point leaves
+        # either no complete checkpoint for this step or a verified one, never a half one.
         shutil.rmtree(ckpt, ignore_errors=True)
         partial.rename(ckpt)
-        meta = {"step": step, "model": model_cfg.to_dict(), "weights_only": False, "ep": layout.ep,
-                "world_size": layout.world_size}
-        (ckpt / (META + ".tmp")).write_text(json.dumps(meta, indent=1))
-        (ckpt / (META + ".tmp")).rename(ckpt / META)
+        _fsync(root)
+        _write_meta(ckpt, {"step": step, "model": model_cfg.to_dict(), "weights_only": False, "ep": layout.ep,
+                           "world_size": layout.world_size})
+        latest = root / "latest.tmp"
+        latest.write_text(ckpt.name + "\n")
+        latest.rename(root / "latest")  # a pointer for people and tools; resume scans the directories
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob("step_*.partial"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return ckpt
 
@@ -314,5 +391,5 @@ def save_weights_only(state_dict: dict[str, torch.Tensor], run_dir: Path, model_
     experts = {k: v.contiguous().float() for k, v in state_dict.items() if is_expert_name(k)}
     save_file(dense, str(ckpt / "model-dense.safetensors"))
     save_file(experts, str(ckpt / _writer_files(1, 0)[0]))
-    (ckpt / META).write_text(json.dumps({"step": 0, "model": model_cfg.to_dict(), "weights_only": True}, indent=1))
+    _write_meta(ckpt, {"step": 0, "model": model_cfg.to_dict(), "weights_only": True})
     return ckpt

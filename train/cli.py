@@ -96,6 +96,21 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import bench, format_bench
+
+    if args.json:  # library banners (DeepSpeed) print to stdout; keep stdout for the one object
+        real_stdout, sys.stdout = sys.stdout, sys.stderr
+    try:
+        result = bench(_config(args), steps=args.steps, warmup=args.warmup, profile=not args.no_profile)
+    finally:
+        if args.json:
+            sys.stdout = real_stdout
+    result["config"] = str(args.config)
+    print(json.dumps(result) if args.json else format_bench(result))
+    return 0
+
+
 def cmd_launch_slurm(args) -> int:
     from launch.slurm import LaunchError, require_slurm, submit, wait, wandb_line
 
@@ -193,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dense peak per GPU in TFLOP/s (default 989: H100/H800 BF16)")
     sp.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
+    sp = _options_anywhere(with_config(
+        "bench", "training throughput, MFU, peak memory and a step-time breakdown on synthetic tokens", cmd_bench))
+    sp.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
+    sp.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    sp.add_argument("--no-profile", action="store_true", help="skip the profiled breakdown step")
+    sp.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
     launch = sub.add_parser("launch", help="start training on several processes: SLURM (submitit) or torchrun")
     where = launch.add_subparsers(dest="where", required=True)
     sp = _options_anywhere(where.add_parser(
@@ -227,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"dsv3 {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from .loop import TrainingError
+
+        if not isinstance(err, TrainingError):
+            raise
+        print(f"dsv3 {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

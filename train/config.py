@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from model import ConfigError, ModelConfig
 
@@ -82,6 +82,7 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per rank per forward
     global_batch_size: int = 16  # sequences per optimizer step over all ranks
     eval_interval: int = 50
+    max_bad_steps: int = 5  # consecutive steps with non-finite loss/grad norm (each skipped) before halting
     eval_batches: int = 4
     device: str = "auto"  # auto | cpu | cuda
     sample_prompt: str = "**ROMEO**"  # the plays are markdown: speakers in bold
@@ -197,10 +198,26 @@ class Config:
                 raise ConfigError("data.sources.path", s.path, f"required for kind={s.kind}")
             if s.weight <= 0:
                 raise ConfigError("data.sources.weight", s.weight, "must be positive")
-        if self.optim.lr <= 0 or self.optim.min_lr < 0:
-            raise ConfigError("optim.lr", self.optim.lr, "lr must be positive and min_lr >= 0")
-        if self.checkpoint.interval <= 0 or self.checkpoint.keep <= 0:
-            raise ConfigError("checkpoint.interval/keep", None, "must be positive integers")
+        if self.optim.lr <= 0:
+            raise ConfigError("optim.lr", self.optim.lr, "must be positive")
+        for key in ("min_lr", "weight_decay", "grad_clip", "eps"):
+            if getattr(self.optim, key) < 0:
+                raise ConfigError(f"optim.{key}", getattr(self.optim, key), "must be >= 0")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self.optim, key) < 1:
+                raise ConfigError(f"optim.{key}", getattr(self.optim, key), "must be in [0, 1)")
+        for key in ("warmup_steps", "decay_steps", "stable_steps", "const_until", "cosine_until", "batch_ramp_steps"):
+            if getattr(self.schedule, key) < 0:
+                raise ConfigError(f"schedule.{key}", getattr(self.schedule, key), "must be >= 0")
+        if self.data.samples_per_shard <= 0:
+            raise ConfigError("data.samples_per_shard", self.data.samples_per_shard, "must be a positive integer")
+        if self.data.val_documents < 0:
+            raise ConfigError("data.val_documents", self.data.val_documents, "must be >= 0")
+        if p.timeout_s <= 0:
+            raise ConfigError("parallel.timeout_s", p.timeout_s, "must be a positive number of seconds")
+        for key in ("interval", "keep"):
+            if getattr(self.checkpoint, key) <= 0:
+                raise ConfigError(f"checkpoint.{key}", getattr(self.checkpoint, key), "must be a positive integer")
         if self.logging.interval <= 0:
             raise ConfigError("logging.interval", self.logging.interval, "must be a positive integer")
 
@@ -230,6 +247,12 @@ def _choice(key: str, value, allowed: tuple) -> None:
 def _omegaconf_error(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or "?"
     msg = str(err).splitlines()[0]
+    section = getattr(err, "object_type", None)
+    if isinstance(err, ConfigKeyError) and dataclasses.is_dataclass(section):
+        # an unknown key: say which keys its section has
+        hint = msg[msg.find("Did you mean: ") + 14:] if "Did you mean: " in msg else ""
+        hint = f" (did you mean {hint})" if hint else ""
+        msg = f"unknown key{hint}; allowed: {', '.join(f.name for f in dataclasses.fields(section))}"
     return ConfigError(key, None, f"{msg} (in {source})")
 
 
@@ -246,7 +269,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             try:
                 raw = yaml.safe_load(p.read_text()) or {}
             except yaml.YAMLError as err:
-                raise ConfigError("config", str(p), f"not valid YAML: {err}") from None
+                # one line: the parser's complaint and where (its str() spans several lines)
+                mark = getattr(err, "problem_mark", None)
+                at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise ConfigError("config", str(p), f"not valid YAML: {problem}{at}") from None
             merged = OmegaConf.merge(merged, OmegaConf.create(raw))
         for item in overrides:
             if "=" not in item:

@@ -10,6 +10,16 @@ which training visits them (`stream_indices`, `BatchStream`) depends only on the
 number of samples consumed so far, never on world size or micro-batching: the global batch at
 step s holds the same samples on 1 or 64 ranks, and a checkpoint records the position as a
 sample count, so resuming continues the same stream.
+
+Bad shards (`TokenSamples`): a shard that is missing, unreadable, of another size than the
+manifest records, or fails to index (a truncated tar, garbage over a header) is found when the
+split is opened and all its samples are skipped; a sample that fails to decode to
+(seq_len + 1,) token ids of the manifest's dtype within the vocabulary is found when read and
+only that sample is skipped. Either way the shard is counted in `bad_shards` and named once on
+stderr, and sample i is served as the next good sample in index order (i + 1, i + 2, ...,
+wrapping at the end of the split). Whether a sample is good depends only on the bytes of its
+shard, so every rank, at any world size, makes the same replacements and every global batch
+keeps its size.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -237,7 +248,8 @@ def _write_shards(out_dir: Path, split: str, samples: np.ndarray, per_shard: int
             for i in range(start, stop):
                 writer.write({"__key__": f"{i:09d}", SAMPLE_FIELD: samples[i].astype(dtype)})
         os.replace(tmp, out_dir / name)
-        shards.append({"url": name, "nsamples": stop - start})
+        # bytes: lets loading spot a truncated or extended shard from its size alone
+        shards.append({"url": name, "nsamples": stop - start, "bytes": (out_dir / name).stat().st_size})
     return shards
 
 
@@ -449,6 +461,10 @@ def _expand_local_shards(pattern: str, key: str) -> list[Path]:
     return paths
 
 
+class BadShardError(ValueError):
+    """A shard, or one sample of it, that cannot be read as the manifest describes."""
+
+
 class TokenSamples:
     """Indexed random access to the samples of one split: `samples[i]` is a LongTensor
     (seq_len + 1,). Samples are numbered globally across the split's shards, in shard order.
@@ -460,6 +476,10 @@ class TokenSamples:
     because the latter, for local files, creates `<shard>.lock` files next to every shard it opens
     (failing on read-only dataset folders), prints to stderr on construction and keeps a
     process-wide registry of open files capped at 100.
+
+    Bad shards are skipped, not fatal (see the module docstring): every shard is checked (size
+    against the manifest, then indexed) when the split is opened, `bad_shards` counts the distinct
+    shards found bad so far, and a bad sample is replaced by the next good one in index order.
     """
 
     def __init__(self, cfg: Config, split: str, max_open_shards: int = 64):
@@ -468,14 +488,26 @@ class TokenSamples:
         self.split = split
         self.seq_len = cfg.data.seq_len
         self.max_open_shards = max_open_shards
+        self._open: OrderedDict[int, IndexedTarSamples] = OrderedDict()
+        self._bad: dict[int, str] = {}  # shard index -> why it is bad (each warned about once)
+        self._dead: set[int] = set()  # shards none of whose samples can be read
         pattern = cfg.data.train_shards if split == "train" else cfg.data.val_shards
+        sizes: list[int | None]
         if pattern:
             key = f"data.{split}_shards"
             paths = _expand_local_shards(pattern, key)
             # a manifest beside the shards (they came from prepare-data) still gets checked
             self.manifest_path = paths[0].parent / MANIFEST
             self.manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else None
-            self.shards = [(p, _count_samples(p)) for p in paths]
+            self.shards = []
+            for k, p in enumerate(paths):
+                try:
+                    n = _count_samples(p)
+                except Exception as err:  # noqa: BLE001 - any failure to index makes the shard bad
+                    n = 0  # its sample count is unknown: it contributes none
+                    self._mark_bad(k, p, f"cannot be indexed ({type(err).__name__}: {err})", dead=True)
+                self.shards.append((p, n))
+            sizes = [None] * len(paths)
         else:
             data_dir = Path(cfg.data.dir).expanduser().resolve()
             self.manifest_path = data_dir / MANIFEST
@@ -486,21 +518,34 @@ class TokenSamples:
                     f"(data.dir={cfg.data.dir}); run `dsv3 prepare-data CONFIG` first"
                 )
             self.manifest = json.loads(self.manifest_path.read_text())
-            self.shards = [(data_dir / s["url"], int(s["nsamples"])) for s in self.manifest[split]["shards"]]
+            entries = self.manifest[split]["shards"]
+            self.shards = [(data_dir / s["url"], int(s["nsamples"])) for s in entries]
+            sizes = [s.get("bytes") for s in entries]
         if self.manifest is not None:
             self._check_manifest(cfg)
         self.vocab_size: int | None = self.manifest["vocab_size"] if self.manifest else None
         self.eod_id: int | None = self.manifest["eod_id"] if self.manifest else None
+        self._dtype = np.dtype(self.manifest["dtype"]) if self.manifest and "dtype" in self.manifest else None
+        self._max_id = self.vocab_size if self.vocab_size is not None else cfg.model.vocab_size
         self._ends = np.cumsum([n for _, n in self.shards]).tolist()  # exclusive end index of each shard
-        self._open: OrderedDict[int, IndexedTarSamples] = OrderedDict()
         if len(self) == 0:
             raise ConfigError(
                 "data.val_documents" if split == "val" else "data.sources", None,
                 f"the {split} split holds no samples ({self.manifest_path.parent})",
             )
+        if not pattern:
+            for k, size in enumerate(sizes):
+                self._validate_shard(k, size)
+        if len(self._dead) == len(self.shards):
+            raise ConfigError("data.dir", str(self.manifest_path.parent),
+                              f"every {split} shard is unreadable; re-run `dsv3 prepare-data CONFIG`")
         if pattern and self.manifest is None:
             # no manifest to compare with: the sample length is the seq_len the shards were cut for
-            length = len(self._load(0))
+            first = next(k for k in range(len(self.shards)) if k not in self._dead)
+            try:
+                length = len(self._read(self._ends[first] - self.shards[first][1]))
+            except Exception:  # noqa: BLE001 - a bad first sample is handled when it is read
+                length = self.seq_len + 1
             if length != self.seq_len + 1:
                 raise ConfigError(
                     "data.seq_len", self.seq_len, f"the shards of {pattern} hold samples of {length - 1} + 1 tokens"
@@ -521,6 +566,37 @@ class TokenSamples:
                 "model.vocab_size", cfg.model.vocab_size, f"smaller than the tokenizer's {m['vocab_size']} ({where})"
             )
 
+    @property
+    def bad_shards(self) -> int:
+        """How many distinct shards of this split were found bad so far (at open or on reading)."""
+        return len(self._bad)
+
+    def _mark_bad(self, k: int, path: Path, why: str, dead: bool = False) -> None:
+        if dead:
+            self._dead.add(k)
+        if k in self._bad:
+            return
+        self._bad[k] = why
+        what = "skipping it" if dead else "skipping its unreadable samples"
+        print(f"dsv3: warning: bad {self.split} shard {path}: {why}; {what}", file=sys.stderr, flush=True)
+
+    def _validate_shard(self, k: int, size: int | None) -> None:
+        """The cheap checks at open: the file is there, has the manifest's size and indexes to the
+        manifest's sample count. A shard failing any of them is dead (every sample skipped)."""
+        path = self.shards[k][0]
+        try:
+            actual = path.stat().st_size
+        except OSError as err:
+            self._mark_bad(k, path, f"unreadable ({err.strerror or err})", dead=True)
+            return
+        if size is not None and actual != size:
+            self._mark_bad(k, path, f"{actual} bytes, the manifest says {size} (truncated or overwritten?)", dead=True)
+            return
+        try:
+            self._shard(k)
+        except Exception as err:  # noqa: BLE001 - any failure to index makes the shard bad
+            self._mark_bad(k, path, f"cannot be indexed ({type(err).__name__}: {err})", dead=True)
+
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
 
@@ -533,30 +609,67 @@ class TokenSamples:
         tar = IndexedTarSamples(path=str(path))
         if len(tar) != expected:
             tar.close()
-            raise ValueError(f"shard {path} holds {len(tar)} samples, the manifest says {expected}; "
-                             "re-run `dsv3 prepare-data CONFIG`")
+            raise BadShardError(f"holds {len(tar)} samples, the manifest says {expected}")
         self._open[k] = tar
         if len(self._open) > self.max_open_shards:
             self._open.popitem(last=False)[1].close()
         return tar
 
-    def _load(self, i: int) -> np.ndarray:
+    def _locate(self, i: int) -> tuple[int, int]:
+        """Global sample index -> (shard index, index within the shard)."""
         k = bisect.bisect_right(self._ends, i)
-        start = self._ends[k - 1] if k else 0
-        sample = self._shard(k)[i - start]
+        return k, i - (self._ends[k - 1] if k else 0)
+
+    def _read(self, i: int) -> np.ndarray:
+        """Sample i as stored; raises on anything unreadable or malformed."""
+        k, j = self._locate(i)
+        sample = self._shard(k)[j]
         data = sample.get("." + SAMPLE_FIELD)
         if data is None:
-            raise ValueError(f"sample {sample['__key__']} of {self.shards[k][0]} has no {SAMPLE_FIELD}")
+            raise BadShardError(f"sample {sample['__key__']} has no {SAMPLE_FIELD}")
         return np.load(data, allow_pickle=False)
+
+    def _good(self, i: int) -> np.ndarray | None:
+        """Sample i checked against what the split should hold, or None (its shard marked bad)."""
+        k, _ = self._locate(i)
+        if k in self._dead:
+            return None
+        path = self.shards[k][0]
+        try:
+            self._shard(k)
+        except Exception as err:  # noqa: BLE001 - e.g. the file went away after it was validated
+            self._mark_bad(k, path, f"cannot be opened ({type(err).__name__}: {err})", dead=True)
+            return None
+        try:
+            arr = self._read(i)
+            if arr.shape != (self.seq_len + 1,):
+                raise BadShardError(f"shape {arr.shape}, expected ({self.seq_len + 1},)")
+            if self._dtype is not None and arr.dtype != self._dtype:
+                raise BadShardError(f"dtype {arr.dtype}, expected {self._dtype}")
+            if arr.dtype.kind not in "iu" or (arr.size and (arr.min() < 0 or arr.max() >= self._max_id)):
+                raise BadShardError(f"token ids outside [0, {self._max_id})")
+        except Exception as err:  # noqa: BLE001 - whatever the failure, the sample is bad
+            self._mark_bad(k, path, f"sample {i} unreadable ({type(err).__name__}: {err})")
+            return None
+        return arr
 
     def __getitem__(self, i: int) -> torch.Tensor:
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"sample {i} out of range for {n} {self.split} samples")
-        arr = self._load(i % n)
-        if arr.shape != (self.seq_len + 1,):
-            raise ValueError(f"{self.split} sample {i} has shape {arr.shape}, expected ({self.seq_len + 1},)")
-        return torch.from_numpy(arr.astype(np.int64))  # (seq_len + 1,)
+        j, skipped = i % n, 0
+        while skipped < n:
+            k, within = self._locate(j)
+            if k in self._dead:  # skip the whole shard at once
+                rest = self.shards[k][1] - within
+                j, skipped = (j + rest) % n, skipped + rest
+                continue
+            arr = self._good(j)
+            if arr is not None:
+                return torch.from_numpy(arr.astype(np.int64))  # (seq_len + 1,)
+            j, skipped = (j + 1) % n, skipped + 1
+        raise ConfigError("data.dir", str(self.manifest_path.parent),
+                          f"no readable {self.split} sample left; re-run `dsv3 prepare-data CONFIG`")
 
     def close(self) -> None:
         while self._open:
@@ -573,6 +686,26 @@ class TokenSamples:
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()
         return state
+
+
+def check_tokenizer_matches(run_dir: str | Path, manifest: dict | None, data_dir: str | Path) -> None:
+    """Refuse to continue a run on data of another tokenizer.
+
+    run_dir/tokenizer.json (copied there when the run started) must have the sha256 that the
+    manifest records for data.dir's tokenizer; a run directory without one, or data without a
+    manifest, passes. Call it before the run's tokenizer.json is replaced.
+    """
+    if manifest is None or "tokenizer_sha256" not in manifest:
+        return
+    tok = Path(run_dir) / TOKENIZER
+    if not tok.is_file():
+        return
+    if _sha256(tok.read_bytes()) != manifest["tokenizer_sha256"]:
+        raise ConfigError(
+            "data.dir", str(data_dir),
+            f"its tokenizer differs from the one run {run_dir} was trained with ({tok}); point data.dir at "
+            "that run's data, or start a new run (train.resume=never with another train.run_dir)",
+        )
 
 
 def _count_samples(path: Path) -> int:

@@ -9,6 +9,7 @@ micro-batches and all ranks; metrics, evaluation and checkpoints on their interv
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -25,7 +26,7 @@ from parallel import fp8
 from . import checkpoint as ckpt_io
 from . import schedule
 from .config import Config, save_config
-from .data import BatchStream, TokenSamples, eval_batches
+from .data import BatchStream, TokenSamples, check_tokenizer_matches, eval_batches
 from .metrics import MetricsLogger, flops_per_token, peak_flops, startup_summary
 
 
@@ -36,7 +37,7 @@ class TrainResult:
     first_val_loss: float | None
     run_dir: Path
     sample: str | None = None
-    stopped_by: str | None = None  # "SIGTERM" or "SIGUSR2" when a signal ended the run early
+    stopped_by: str | None = None  # "SIGTERM/SIGINT" or "SIGUSR2" when a signal ended the run early
 
 
 def _log0(rank: int, msg: str) -> None:
@@ -70,8 +71,8 @@ class StopRequest:
     submitit, and any other caller simply ends with status 0.
     """
 
-    CODES = {signal.SIGTERM: 1, signal.SIGUSR2: 2}  # the higher wins: a requeue request outranks a stop
-    NAMES = {0: None, 1: "SIGTERM", 2: "SIGUSR2"}
+    CODES = {signal.SIGTERM: 1, signal.SIGINT: 1, signal.SIGUSR2: 2}  # the higher wins: a requeue outranks a stop
+    NAMES = {0: None, 1: "SIGTERM/SIGINT", 2: "SIGUSR2"}
 
     def __init__(self):
         self.code = 0
@@ -101,9 +102,44 @@ class StopRequest:
         return self.agreed_reason
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on: the message says why and what is left on disk (the CLI prints it)."""
+
+
 def train(cfg: Config) -> TrainResult:
     with StopRequest() as stop:
-        return _train(cfg, stop)
+        try:
+            return _train(cfg, stop)
+        except TrainingError:
+            raise
+        except Exception as err:
+            if _is_communication_failure(err):
+                raise TrainingError(_lost_rank_report(err)) from err
+            raise
+
+
+def _is_communication_failure(err: Exception) -> bool:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    text = str(err)
+    return isinstance(err, getattr(dist, "DistBackendError", ())) or any(
+        s in text for s in ("Connection closed", "Connection reset", "timed out", "Timed out", "gloo", "NCCL"))
+
+
+def _lost_rank_report(err: Exception, window_s: float = 5.0) -> str:
+    """Which ranks are gone, found through the rendezvous store (which outlives the collectives):
+    every surviving rank checks in, waits `window_s`, and lists who did not."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"dsv3/alive/{rank}", "1")
+        time.sleep(window_s)
+        lost = [r for r in range(world) if not store.check([f"dsv3/alive/{r}"])]
+        who = f"lost rank(s) {', '.join(map(str, lost))}" if lost else "a peer stopped answering"
+    except Exception:  # the store lives in rank 0's process: unreachable means rank 0 is gone
+        who = "lost rank 0 (it also hosts the rendezvous store, now unreachable)"
+    return f"rank {rank}: {who}; a collective failed: {first_line}"
 
 
 def _train(cfg: Config, stop: StopRequest) -> TrainResult:
@@ -111,7 +147,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     rank, world = info.rank, info.world_size
     cfg.batch_layout(world)
     run_dir = Path(cfg.train.run_dir)
-    resume_from = ckpt_io.resolve_resume(cfg.train.resume, run_dir)
+    resume_from = ckpt_io.resolve_resume(cfg.train.resume, run_dir, log=lambda m: _log0(rank, m))
 
     torch.manual_seed(cfg.train.seed)
     model = DeepSeekV3(cfg.model)
@@ -138,6 +174,8 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     elif meta:
         _log0(rank, f"starting from the weights in {resume_from} (step 0, fresh optimizer)")
 
+    if resume_from is not None:  # continuing a run on other data would be silently wrong
+        check_tokenizer_matches(run_dir, train_samples.manifest, cfg.data.dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -172,7 +210,8 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     granularity = cfg.train.micro_batch_size * world
     current_batch = cfg.train.global_batch_size
     bar = _progress(cfg, rank, step)
-    skipped = 0
+    skipped = consecutive_bad = 0
+    nan_step = int(os.environ.get("DSV3_FAULT_NAN_STEP", "0"))  # fault injection for tests: NaN grads at this step
     engine.train()
     while step < cfg.train.steps:
         step += 1
@@ -194,7 +233,8 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         for i, (tokens, targets) in enumerate(micro):
             with fp8.autocast(engine.module, first_microbatch=i == 0):  # TE reuses FP8 weight casts after i = 0
                 out = engine(tokens.to(info.device), targets.to(info.device), mtp_weight=lam)
-            engine.backward(out.loss)
+            loss = out.loss * float("nan") if step == nan_step else out.loss
+            engine.backward(loss)
             engine.step()
             c = out.expert_counts.detach().to(torch.float64).cpu()
             expert_counts = c if expert_counts is None else expert_counts + c
@@ -205,8 +245,25 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         pe.all_reduce_(packed)
         means = packed[:3] / world
         step_counts = packed[3:].view_as(expert_counts)
+        # A non-finite loss or gradient norm (agreed across ranks: both come from all-reduces)
+        # skipped the optimizer step (parallel.engine); skip the bias update too, count it, and
+        # stop after train.max_bad_steps in a row, leaving the last good checkpoint.
+        bad = engine.dsv3_nonfinite or not torch.isfinite(means).all().item()
+        if bad:
+            skipped += 1
+            consecutive_bad += 1
+            _log0(rank, f"step {step}: non-finite loss or gradient norm, optimizer step skipped "
+                        f"({consecutive_bad} in a row, {skipped} in all)")
+            if consecutive_bad >= cfg.train.max_bad_steps:
+                last = ckpt_io.complete_checkpoints(run_dir / "checkpoints")
+                raise TrainingError(
+                    f"halting at step {step}: {consecutive_bad} consecutive steps with non-finite loss or "
+                    f"gradient norm (train.max_bad_steps={cfg.train.max_bad_steps}); last good checkpoint: "
+                    f"{last[-1] if last else 'none'}")
+        else:
+            consecutive_bad = 0
         gamma = schedule.bias_update_rate(cfg, step)
-        if gamma > 0 and step_counts.numel():
+        if gamma > 0 and step_counts.numel() and not bad:
             engine.module.update_routing_bias(step_counts.to(info.device), gamma)
         reported = engine.get_global_grad_norm()  # the true global norm (parallel.engine), before clipping
         grad_norm = float(reported) if reported is not None else None
@@ -228,7 +285,8 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
                 mtp_loss=means[2].item() if cfg.model.num_nextn_predict_layers else None,
                 lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
                 mfu=fpt * tokens_per_s / (peak * world), peak_mem_bytes=peak_mem,
-                skipped_steps=skipped, bad_shards=0, val_loss=row_val, expert_counts=step_counts,
+                skipped_steps=skipped, bad_shards=train_samples.bad_shards + val_samples.bad_shards,
+                val_loss=row_val, expert_counts=step_counts,
             )
         if row_val is not None:
             _log0(rank, f"step {step}: loss {means[0].item():.4f} val_loss {row_val:.4f}")
@@ -237,7 +295,13 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
             for i, moe in enumerate(engine.module.moe_layers()):
                 pe.check_same_on_all_ranks(moe.gate.e_score_correction_bias, f"routing bias of MoE layer {i}")
             client = {"step": step, "data": stream.state_dict(), "rng": ckpt_io.rng_state()}
-            ckpt_io.save(engine, layout, run_dir, step, client, cfg.model, cfg.checkpoint.keep, rank)
+            try:
+                ckpt_io.save(engine, layout, run_dir, step, client, cfg.model, cfg.checkpoint.keep, rank)
+            except OSError as err:  # disk full, quota, file size limit: the previous checkpoint is untouched
+                last = ckpt_io.complete_checkpoints(run_dir / "checkpoints")
+                raise TrainingError(
+                    f"saving the step-{step} checkpoint failed ({err}); the previous checkpoint "
+                    f"{last[-1] if last else '(none)'} is intact and resumable") from err
 
         if stop_signal:
             _log0(rank, f"{stop_signal}: saved a checkpoint at step {step}, stopping")

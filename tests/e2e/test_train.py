@@ -60,7 +60,8 @@ def test_metrics_rows_have_every_documented_key(straight_run):
         assert abs(r["loss"] - (r["lm_loss"] + 0.3 * r["mtp_loss"])) < 1e-4
     assert [r["step"] for r in table if r["val_loss"] is not None] == [0, 3, 6, 8]
     assert (straight_run / "config.yaml").is_file()
-    assert sorted(p.name for p in (straight_run / "checkpoints").iterdir()) == ["step_00000006", "step_00000008"]
+    assert sorted(p.name for p in (straight_run / "checkpoints").glob("step_*")) == ["step_00000006", "step_00000008"]
+    assert (straight_run / "checkpoints" / "latest").read_text().strip() == "step_00000008"
 
 
 def test_second_run_says_it_is_complete(tiny_data, straight_run):

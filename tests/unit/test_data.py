@@ -401,3 +401,133 @@ def test_eval_batches_split_by_sample(prepared):
             tokens = torch.cat([per_rank[r][b][0] for b in range(n_batches) for r in range(world)])
             targets = torch.cat([per_rank[r][b][1] for b in range(n_batches) for r in range(world)])
             assert torch.equal(tokens, want[:, :-1]) and torch.equal(targets, want[:, 1:])
+
+
+# --------------------------------------------------------------------------- bad shards
+
+
+def _copy_prepared(prepared, dest: Path) -> tuple[Config, dict]:
+    """A private copy of the prepared data (tests corrupt it), its config and manifest."""
+    cfg, _ = prepared
+    shutil.copytree(cfg.data.dir, dest)
+    return _cfg(dest, cfg.data.sources), json.loads((dest / "manifest.json").read_text())
+
+
+def _shard_starts(m: dict, split: str = "train") -> list[int]:
+    starts = [0]
+    for s in m[split]["shards"]:
+        starts.append(starts[-1] + s["nsamples"])
+    return starts  # starts[k] = first global index of shard k; starts[-1] = len
+
+
+def _member_data_offset(path: Path, index: int) -> tuple[int, int]:
+    """(offset, size) in the tar of the tokens.npy payload of global sample `index`."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        member = tar.getmember(f"{index:09d}.{data.SAMPLE_FIELD}")
+        return member.offset_data, member.size
+
+
+def test_manifest_records_shard_bytes(prepared):
+    cfg, _ = prepared
+    m = json.loads((Path(cfg.data.dir) / "manifest.json").read_text())
+    for split in ("train", "val"):
+        for s in m[split]["shards"]:
+            assert s["bytes"] == (Path(cfg.data.dir) / s["url"]).stat().st_size
+
+
+@pytest.mark.parametrize("corrupt", ["truncate", "garbage_header", "missing"])
+def test_dead_shard_served_by_next_good_sample(prepared, train_samples, tmp_path, capsys, corrupt):
+    cfg, m = _copy_prepared(prepared, tmp_path / "data")
+    starts = _shard_starts(m)
+    k = 1
+    path = tmp_path / "data" / m["train"]["shards"][k]["url"]
+    raw = path.read_bytes()
+    if corrupt == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif corrupt == "garbage_header":  # same size, so only indexing can tell
+        path.write_bytes(raw[:512] + random.Random(0).randbytes(1024) + raw[1536:])
+    else:
+        path.unlink()
+    with TokenSamples(cfg, "train") as samples:
+        assert samples.bad_shards == 1  # found when the split is opened, before any read
+        err = capsys.readouterr().err
+        assert err.count(str(path)) == 1 and "train shard" in err
+        assert len(samples) == len(train_samples)  # indices (and so the stream) are unchanged
+        for i in range(len(samples)):
+            want = starts[k + 1] if starts[k] <= i < starts[k + 1] else i
+            assert torch.equal(samples[i], train_samples[want]), i
+        assert samples.bad_shards == 1 and str(path) not in capsys.readouterr().err  # warned once
+
+
+def test_bad_last_shard_wraps_to_first_sample(prepared, train_samples, tmp_path):
+    cfg, m = _copy_prepared(prepared, tmp_path / "data")
+    starts = _shard_starts(m)
+    last = tmp_path / "data" / m["train"]["shards"][-1]["url"]
+    last.write_bytes(last.read_bytes()[:100])
+    with TokenSamples(cfg, "train") as samples:
+        assert torch.equal(samples[starts[-2]], train_samples[0])
+        assert torch.equal(samples[-1], train_samples[0])
+
+
+def test_bad_sample_replaced_by_next_and_same_decisions_in_any_order(prepared, train_samples, tmp_path, capsys):
+    cfg, m = _copy_prepared(prepared, tmp_path / "data")
+    starts = _shard_starts(m)
+    k, bad = 1, starts[1] + 2
+    path = tmp_path / "data" / m["train"]["shards"][k]["url"]
+    offset, size = _member_data_offset(path, bad)
+    raw = bytearray(path.read_bytes())
+    raw[offset + size - 8: offset + size] = b"\xff" * 8  # token ids 65535: outside the vocabulary
+    path.write_bytes(bytes(raw))
+    expected = [train_samples[i + 1 if i == bad else i] for i in range(len(train_samples))]
+    with TokenSamples(cfg, "train") as fwd, TokenSamples(cfg, "train") as rev:
+        assert fwd.bad_shards == 0  # the size and the index are fine: found only on reading
+        assert capsys.readouterr().err == ""
+        got_fwd = [fwd[i] for i in range(len(fwd))]
+        got_rev = [rev[i] for i in reversed(range(len(rev)))][::-1]
+        assert fwd.bad_shards == rev.bad_shards == 1
+        err = capsys.readouterr().err
+        assert err.count(str(path)) == 2 and "outside [0," in err  # once per TokenSamples
+    for i, (a, b, e) in enumerate(zip(got_fwd, got_rev, expected)):
+        assert torch.equal(a, e) and torch.equal(b, e), i  # only the bad sample is replaced
+
+
+def test_undecodable_sample_and_batches_keep_their_size(prepared, train_samples, tmp_path):
+    cfg, m = _copy_prepared(prepared, tmp_path / "data")
+    bad = 3
+    path = tmp_path / "data" / m["train"]["shards"][0]["url"]
+    offset, size = _member_data_offset(path, bad)
+    raw = bytearray(path.read_bytes())
+    raw[offset: offset + 8] = b"notnumpy"  # breaks the .npy magic
+    path.write_bytes(bytes(raw))
+    with TokenSamples(cfg, "train") as samples:
+        assert torch.equal(samples[bad], train_samples[bad + 1]) and samples.bad_shards == 1
+        good = BatchStream(train_samples, 5, 0, 1, 2)
+        stream = BatchStream(samples, 5, 0, 1, 2)
+        for _ in range(len(samples) // 4 + 1):  # a whole epoch: the bad sample is drawn once
+            a, b = good.next(4), stream.next(4)
+            assert [t.shape for t, _ in a] == [t.shape for t, _ in b]
+
+
+def test_every_shard_bad_is_an_error(prepared, tmp_path):
+    cfg, m = _copy_prepared(prepared, tmp_path / "data")
+    for s in m["val"]["shards"]:
+        (tmp_path / "data" / s["url"]).write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="every val shard is unreadable"):
+        TokenSamples(cfg, "val")
+
+
+def test_check_tokenizer_matches(prepared, tmp_path):
+    cfg, _ = prepared
+    m = json.loads((Path(cfg.data.dir) / "manifest.json").read_text())
+    run = tmp_path / "run"
+    run.mkdir()
+    data.check_tokenizer_matches(run, m, cfg.data.dir)  # a fresh run directory: nothing to compare
+    shutil.copyfile(Path(cfg.data.dir) / "tokenizer.json", run / "tokenizer.json")
+    data.check_tokenizer_matches(run, m, cfg.data.dir)  # the same tokenizer
+    data.check_tokenizer_matches(run, None, cfg.data.dir)  # shards without a manifest: not checked
+    (run / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match="data.dir") as err:
+        data.check_tokenizer_matches(run, m, cfg.data.dir)
+    assert str(run) in str(err.value)

@@ -1,0 +1,67 @@
+"""A corrupt training shard is skipped with a warning naming it and counted in metrics; training completes."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.support import REPO, rows, run_cli
+from train.config import load_config
+from train.data import SAMPLE_FIELD, stream_indices
+
+
+def _private_data(tiny_data: list[str], dest: Path) -> tuple[list[str], Path]:
+    """The tiny overrides pointed at a copy of the prepared data, so corrupting it harms no other test."""
+    src = next(o.split("=", 1)[1] for o in tiny_data if o.startswith("data.dir="))
+    shutil.copytree(src, dest)
+    return [o for o in tiny_data if not o.startswith("data.dir=")] + [f"data.dir={dest}"], dest
+
+
+def _first_drawn(overrides: list[str], data_dir: Path) -> tuple[Path, int]:
+    """The shard and global index of the first sample training draws: corrupting it must be noticed."""
+    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
+    m = json.loads((data_dir / "manifest.json").read_text())
+    first = stream_indices(m["train"]["samples"], cfg.train.seed, 0, 1)[0]
+    start = 0
+    for s in m["train"]["shards"]:
+        if first < start + s["nsamples"]:
+            return data_dir / s["url"], first
+        start += s["nsamples"]
+    raise AssertionError("sample index beyond the manifest")
+
+
+def _corrupt(path: Path, index: int, how: str) -> None:
+    raw = bytearray(path.read_bytes())
+    if how == "truncate":
+        del raw[len(raw) // 2:]
+    elif how == "garbage":  # the middle of the file, over member headers; the size stays the same
+        mid = len(raw) // 2
+        raw[mid: mid + 4096] = random.Random(0).randbytes(4096)
+    else:  # "payload": one sample's token ids out of range, every header intact
+        with tarfile.open(path) as tar:
+            member = tar.getmember(f"{index:09d}.{SAMPLE_FIELD}")
+        end = member.offset_data + member.size
+        raw[end - 16: end] = b"\xff" * 16
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how", ["truncate", "garbage", "payload"])
+def test_corrupt_train_shard_is_skipped_and_counted(tiny_data, tmp_path, how):
+    overrides, data_dir = _private_data(tiny_data, tmp_path / "data")
+    shard, index = _first_drawn(overrides, data_dir)
+    _corrupt(shard, index, how)
+    run = tmp_path / "run"
+    proc = run_cli("train", "configs/smoke.yaml", *overrides, f"train.run_dir={run}", "train.steps=6",
+                   check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if str(shard) in line]
+    assert len(warnings) == 1 and "warning: bad train shard" in warnings[0], proc.stderr[-3000:]
+    trained = [r for r in rows(run) if r["step"] > 0]
+    assert [r["step"] for r in trained] == list(range(1, 7))
+    assert all(r["bad_shards"] == 1 for r in trained)
+    assert all(r["loss"] is not None and r["loss"] == r["loss"] for r in trained)  # finite, not NaN

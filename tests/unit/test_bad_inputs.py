@@ -1,0 +1,90 @@
+"""Every bad input through the real CLI (`python -m train.cli`): exit status 2, one line on stderr
+naming the key (or the file), no traceback. The table in the README lists the same rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.support import run_cli
+
+SMOKE = "configs/smoke.yaml"
+# fp8 backend te must be refused for want of a GPU even on a machine that has one
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """A tiny run with a checkpoint at step 1, to resume with another model."""
+    run = tmp_path_factory.mktemp("tiny_run")
+    run_cli("train", SMOKE, *tiny_data, f"train.run_dir={run}", "train.steps=1", "checkpoint.interval=1")
+    return run
+
+
+@pytest.fixture
+def bad_files(tmp_path) -> Path:
+    (tmp_path / "bad.yaml").write_text("model: {hidden_size: 64\n  oops: [\n")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    return tmp_path
+
+
+# (id, arguments after the command; {tmp} is a per-test folder, {data} the tiny overrides,
+#  {run} a tiny run with a checkpoint), what must appear on the one stderr line
+ROWS = [
+    ("unknown key", ["train", SMOKE, "train.stepz=5"], ["train.stepz", "unknown key", "did you mean 'steps'"]),
+    ("wrong type", ["train", SMOKE, "train.steps=abc"], ["train.steps", "'abc'", "Integer"]),
+    ("zero steps", ["train", SMOKE, "train.steps=0"], ["train.steps=0", "must be a positive integer"]),
+    ("negative steps", ["train", SMOKE, "train.steps=-5"], ["train.steps=-5", "must be a positive integer"]),
+    ("seq_len > max positions", ["train", SMOKE, "data.seq_len=100000"],
+     ["data.seq_len=100000", "model.max_position_embeddings=256"]),
+    ("ep not dividing experts", ["train", SMOKE, "parallel.ep=3"], ["parallel.ep=3", "model.n_routed_experts=16"]),
+    ("top-k > experts", ["train", SMOKE, "model.num_experts_per_tok=100"],
+     ["model.num_experts_per_tok=100", "n_routed_experts=16"]),
+    ("n_group not dividing experts", ["train", SMOKE, "model.n_group=3"], ["model.n_group=3", "must divide"]),
+    ("zero heads", ["train", SMOKE, "model.num_attention_heads=0"], ["model.num_attention_heads=0", "positive"]),
+    ("odd rope head dim", ["train", SMOKE, "model.qk_rope_head_dim=7"], ["model.qk_rope_head_dim=7", "even"]),
+    ("zero_stage 3", ["train", SMOKE, "parallel.zero_stage=3"], ["parallel.zero_stage=3", "0, 1 or 2"]),
+    ("unknown wandb mode", ["train", SMOKE, "logging.wandb=maybe"],
+     ["logging.wandb='maybe'", "online, offline, disabled"]),
+    ("negative min_lr", ["train", SMOKE, "optim.min_lr=-1"], ["optim.min_lr=-1.0", ">= 0"]),
+    ("zero checkpoint.keep", ["train", SMOKE, "checkpoint.keep=0"], ["checkpoint.keep=0", "positive"]),
+    ("override without =", ["train", SMOKE, "train.steps"], ["train.steps", "dotted.key=value"]),
+    ("missing config file", ["train", "configs/nope.yaml"], ["config='configs/nope.yaml'", "file not found"]),
+    ("invalid YAML", ["train", "{tmp}/bad.yaml"], ["bad.yaml", "not valid YAML", "line 2, column 7"]),
+    ("resume path missing", ["train", SMOKE, "{data}", "train.run_dir={tmp}/run", "train.resume=/nonexistent"],
+     ["train.resume='/nonexistent'", "no complete checkpoint"]),
+    ("checkpoint of another model",
+     ["train", SMOKE, "{data}", "train.run_dir={tmp}/run", "train.resume={run}", "model.hidden_size=96"],
+     ["model.hidden_size=96", "was trained with model.hidden_size=64"]),
+    ("missing data dir (train before prepare-data)",
+     ["train", SMOKE, "{data}", "data.dir={tmp}/nodata", "train.run_dir={tmp}/run"],
+     ["data.dir=", "nodata", "dsv3 prepare-data"]),
+    ("jsonl source with a bad line",
+     ["prepare-data", SMOKE, "{data}", "data.dir={tmp}/data", "data.sources=[{kind: jsonl, path: '{tmp}/bad.jsonl'}]",
+      "data.val_documents=0"],
+     ["data.sources[0].path=", "bad.jsonl", "line 2 is not valid JSON"]),
+    ("fp8 backend te without a GPU",
+     ["train", SMOKE, "{data}", "train.run_dir={tmp}/run", "model.precision=fp8", "fp8.backend=te"],
+     ["fp8.backend='te'", "needs a CUDA GPU", "fp8.backend=emulated"]),
+]
+
+
+@pytest.mark.parametrize("args,expect", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
+def test_bad_input_exits_2_with_one_line(request, bad_files, args, expect):
+    needs_run = "{run}" in " ".join(args)
+    data = request.getfixturevalue("tiny_data") if any("{data}" in a for a in args) else []
+    run = request.getfixturevalue("tiny_run") if needs_run else None
+    argv = []
+    for a in args:
+        if a == "{data}":
+            argv += data
+        else:
+            argv.append(a.replace("{tmp}", str(bad_files)).replace("{run}", str(run)))
+    proc = run_cli(*argv, check=False, env=NO_GPU, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"dsv3 {argv[0]}: error: "), lines[0]
+    for fragment in expect:
+        assert fragment in lines[0], (fragment, lines[0])
