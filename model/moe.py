@@ -127,8 +127,11 @@ class RoutedExperts(nn.Module):
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
         xs = x[token]  # (N·k, hidden)
         y = self.expert_ffn(xs, counts)  # (N·k, hidden)
-        y = y * topk_weight.reshape(-1)[order, None].to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        # Combine without zeros + index_add (a scatter in both passes): put the copies back in
+        # token-major order (a gather) and sum each token's k weighted outputs. Elementwise, so
+        # autocast leaves the dtype alone; the result comes back in x's dtype as before.
+        y = y[order.argsort()].view(n, k, -1)  # (N, k, hidden)
+        return (y * topk_weight.to(y.dtype).unsqueeze(-1)).sum(1).to(x.dtype)
 
     def expert_ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows of xs sorted by expert, counts[e] rows each -> each row through its expert's FFN.

@@ -1,0 +1,33 @@
+"""`dsv3 bench`: the JSON contract on a tiny config, and MFU = flops_per_token · tokens/s / peak."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.support import run_cli
+
+TINY = [
+    "model.vocab_size=256", "model.hidden_size=32", "model.intermediate_size=64", "model.moe_intermediate_size=16",
+    "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.q_lora_rank=16", "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.n_routed_experts=4",
+    "model.n_group=2", "model.topk_group=1", "model.max_position_embeddings=64", "data.seq_len=16",
+    "train.micro_batch_size=2", "train.global_batch_size=2", "logging.wandb=disabled",
+]
+KEYS = ("tokens_per_s", "step_time_s", "mfu", "peak_mem_bytes", "flops_per_token", "peak_flops", "breakdown_s",
+        "breakdown_fraction")
+
+
+def test_bench_json_keys_and_mfu():
+    proc = run_cli("bench", "configs/smoke.yaml", "--steps", "2", "--warmup", "1", "--json", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)  # exactly one JSON object on stdout
+    for key in KEYS:
+        assert key in result, key
+    assert result["tokens_per_s"] > 0 and result["step_time_s"] > 0 and result["peak_mem_bytes"] > 0
+    assert result["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / result["step_time_s"])
+    assert result["mfu"] == pytest.approx(result["flops_per_token"] * result["tokens_per_s"] / result["peak_flops"])
+    assert set(result["breakdown_s"]) == {"attention", "router", "expert_gemm", "dispatch", "optimizer",
+                                          "communication", "other"}
+    assert result["breakdown_s"]["attention"] > 0 and result["breakdown_s"]["expert_gemm"] > 0

@@ -1,0 +1,243 @@
+"""`dsv3 bench CONFIG`: training throughput of a config on synthetic tokens.
+
+Builds the model and the DeepSpeed engine exactly as `dsv3 train` does (parallel.engine), feeds
+random tokens (no data needed), runs `warmup` untimed optimizer steps, then `steps` timed ones,
+and reports tokens/s, step time, MFU (train.metrics.flops_per_token over train.metrics.peak_flops:
+the GPU table, or on CPU a measured fp32 matmul peak), peak memory, and a breakdown of one extra
+profiled step.
+
+Breakdown method: one more optimizer step runs under torch.profiler (CPU activity, plus CUDA on
+GPU). Forward hooks open `record_function` scopes around MLA (attention), the router, the routed
+experts and, inside them, each grouped expert GEMM; the engine's step is scoped as optimizer.
+Forward time of a part is its scope's duration (expert dispatch/permutation = routed-experts scope
+minus its GEMMs). Backward ops are attributed through autograd's sequence numbers: every
+`autograd::engine::evaluate_function` event carries the sequence number of the forward op that
+made it, and that op's innermost scope names the part. Communication is every c10d/gloo/nccl
+collective op. "other" is the rest (embedding, norms, dense/shared MLPs, head, loss, glue).
+Profiler overhead makes the profiled step slower than the timed ones; the parts are reported in
+seconds of that step and as fractions of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+PARTS = ("attention", "router", "expert_gemm", "dispatch", "optimizer", "communication", "other")
+_SCOPE = "bench::"
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Scopes:
+    """Forward hooks that wrap modules in profiler scopes; removable."""
+
+    def __init__(self, model):
+        from model.attention import MLA
+        from model.moe import RoutedExperts, Router
+
+        self.handles, self.restore = [], []
+        for m in model.modules():
+            name = {MLA: "attention", Router: "router", RoutedExperts: "experts"}.get(type(m))
+            if name is None:
+                continue
+            self._scope(m, name)
+            if name == "experts":
+                gemm = m.gemm
+
+                def scoped_gemm(x, w, counts, _gemm=gemm):
+                    with torch.profiler.record_function(_SCOPE + "expert_gemm"):
+                        return _gemm(x, w, counts)
+
+                m.gemm = scoped_gemm
+                self.restore.append((m, gemm))
+
+    def _scope(self, module, name):
+        def pre(mod, args):
+            mod._bench_rf = torch.profiler.record_function(_SCOPE + name)
+            mod._bench_rf.__enter__()
+
+        def post(mod, args, out):
+            mod._bench_rf.__exit__(None, None, None)
+
+        self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        for m, gemm in self.restore:
+            m.gemm = gemm
+
+
+def _is_comm(name: str) -> bool:
+    n = name.lower()
+    return any(s in n for s in ("c10d", "allreduce", "all_reduce", "all_to_all", "alltoall", "gloo", "nccl",
+                                "allgather", "all_gather", "reduce_scatter", "broadcast"))
+
+
+def breakdown_from_profile(events) -> dict[str, float]:
+    """Seconds per part of one profiled step (see the module docstring)."""
+    seconds = defaultdict(float)
+    seq_part: dict[int, str] = {}
+
+    def scope_of(ev) -> str | None:
+        p = ev
+        while p is not None:
+            if p.name.startswith(_SCOPE):
+                return p.name[len(_SCOPE):]
+            p = p.cpu_parent
+        return None
+
+    for ev in events:
+        if ev.name.startswith(_SCOPE):
+            part = ev.name[len(_SCOPE):]
+            dur = ev.cpu_time_total / 1e6
+            if part == "expert_gemm":
+                seconds["expert_gemm"] += dur
+                seconds["dispatch"] -= dur  # nested in the experts scope
+            elif part == "experts":
+                seconds["dispatch"] += dur
+            else:
+                seconds[part] += dur
+        elif _is_comm(ev.name) and (ev.cpu_parent is None or not _is_comm(ev.cpu_parent.name)):
+            seconds["communication"] += ev.cpu_time_total / 1e6
+        if getattr(ev, "sequence_nr", -1) >= 0 and not ev.name.startswith("autograd::engine"):
+            part = scope_of(ev)
+            if part is not None:
+                seq_part.setdefault(ev.sequence_nr, part)
+    for ev in events:
+        if ev.name.startswith("autograd::engine::evaluate_function") and ev.sequence_nr in seq_part:
+            part = seq_part[ev.sequence_nr]
+            seconds["dispatch" if part == "experts" else part] += ev.cpu_time_total / 1e6
+    return dict(seconds)
+
+
+def bench(cfg, steps: int = 10, warmup: int = 2, profile: bool = True, log=None) -> dict:
+    """Run the benchmark; returns the report dict (the `--json` object)."""
+    from model import DeepSeekV3
+    from parallel import engine as pe
+
+    from .metrics import flops_per_token, peak_flops
+
+    log = log or (lambda m: None)
+    info = pe.init_distributed(cfg.train.device, cfg.parallel.timeout_s)
+    world = info.world_size
+    cfg.batch_layout(world)
+    torch.manual_seed(cfg.train.seed)
+    model = DeepSeekV3(cfg.model)
+    engine, _ = pe.build_engine(model, cfg, info)
+    engine.train()
+
+    t, seq = cfg.train, cfg.data.seq_len
+    accum = t.global_batch_size // (t.micro_batch_size * world)
+    gen = torch.Generator().manual_seed(cfg.train.seed + info.rank)
+
+    def micro_batch():
+        x = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, seq + 1), generator=gen)
+        return x[:, :-1].to(info.device), x[:, 1:].to(info.device)
+
+    batches = [micro_batch() for _ in range(accum)]
+    loss = None
+
+    def one_step():
+        nonlocal loss
+        for tokens, targets in batches:
+            out = engine(tokens, targets)
+            engine.backward(out.loss)
+            with torch.profiler.record_function(_SCOPE + "optimizer"):
+                engine.step()
+        loss = out.loss.detach()
+
+    for _ in range(warmup):
+        one_step()
+    _sync(info.device)
+    if info.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(info.device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        one_step()
+        _sync(info.device)
+        times.append(time.perf_counter() - t0)
+    peak_mem = _peak_memory(info.device)
+
+    step_time = sum(times) / len(times)
+    tokens_per_step = t.global_batch_size * seq  # all ranks
+    tokens_per_s = tokens_per_step / step_time
+    fpt = flops_per_token(cfg.model, seq)
+    compute_dtype = torch.float32 if cfg.model.precision == "fp32" else torch.bfloat16
+    peak, peak_src = peak_flops(info.device, compute_dtype, cfg.logging.peak_tflops)
+    result = {
+        "config": None,
+        "device": str(info.device),
+        "world_size": world,
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+        "warmup": warmup,
+        "global_batch_size": t.global_batch_size,
+        "micro_batch_size": t.micro_batch_size,
+        "seq_len": seq,
+        "tokens_per_step": tokens_per_step,
+        "step_time_s": step_time,
+        "step_time_min_s": min(times),
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": fpt,
+        "peak_flops": peak,
+        "peak_source": peak_src,
+        "mfu": fpt * tokens_per_s / (peak * world),
+        "peak_mem_bytes": peak_mem,
+        "loss": float(loss),
+    }
+    if profile:
+        scopes = _Scopes(engine.module)
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if info.device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        try:
+            with torch.profiler.profile(activities=acts) as prof:
+                t0 = time.perf_counter()
+                one_step()
+                _sync(info.device)
+                profiled = time.perf_counter() - t0
+        finally:
+            scopes.remove()
+        parts = breakdown_from_profile(prof.events())
+        known = sum(parts.get(p, 0.0) for p in PARTS if p != "other")
+        parts["other"] = max(profiled - known, 0.0)
+        result["breakdown_s"] = {p: parts.get(p, 0.0) for p in PARTS}
+        result["breakdown_fraction"] = {p: parts.get(p, 0.0) / profiled for p in PARTS}
+        result["profiled_step_time_s"] = profiled
+        result["breakdown_method"] = ("torch.profiler on one extra step; forward hooks scope MLA/router/experts/"
+                                      "expert GEMMs, backward attributed by autograd sequence number")
+    return result
+
+
+def format_bench(r: dict) -> str:
+    lines = [
+        f"{r['tokens_per_s']:.1f} tokens/s, {r['step_time_s'] * 1e3:.1f} ms/step "
+        f"({r['tokens_per_step']} tokens/step, {r['steps']} steps after {r['warmup']} warm-up)",
+        f"MFU {r['mfu'] * 100:.2f}% of {r['peak_flops'] / 1e12:.3g} TFLOP/s ({r['peak_source']}), "
+        f"{r['flops_per_token'] / 1e6:.4g} MFLOP/token",
+        f"peak memory {r['peak_mem_bytes'] / 2**20:.0f} MiB",
+    ]
+    if "breakdown_s" in r:
+        lines.append(f"breakdown of one profiled step ({r['profiled_step_time_s'] * 1e3:.1f} ms):")
+        for p in PARTS:
+            lines.append(f"  {p:<14} {r['breakdown_s'][p] * 1e3:8.1f} ms  {r['breakdown_fraction'][p] * 100:5.1f}%")
+    return "\n".join(lines)
