@@ -200,14 +200,15 @@ def install_global_grad_norm(engine, layout: ExpertLayout) -> None:
 
     inner.step = guarded_step
 
-    def squares(tensors_and_params):
+    def squares(grads_and_flags):
+        """(gradient, is_expert) pairs -> sums of squared entries (dense, expert), fp32 scalars."""
         dense = torch.zeros((), dtype=torch.float32)
         expert = torch.zeros((), dtype=torch.float32)
-        for g, p in tensors_and_params:
+        for g, is_expert in grads_and_flags:
             if g is None:
                 continue
             sq = g.detach().float().pow(2).sum().cpu()
-            if is_expert_param(p):
+            if is_expert:
                 expert += sq
             else:
                 dense += sq
@@ -216,7 +217,7 @@ def install_global_grad_norm(engine, layout: ExpertLayout) -> None:
     if engine.zero_optimization_stage() == 0:
         def clip_fp32_gradients(self):
             params = [p for p in self.module.parameters() if p.grad is not None]
-            dense, expert = squares((p.grad, p) for p in params)
+            dense, expert = squares((p.grad, is_expert_param(p)) for p in params)
             norm = global_grad_norm(dense, expert, layout, partitioned=False)
             self._global_grad_norm = norm.item()
             self.dsv3_nonfinite = not math.isfinite(self._global_grad_norm)
@@ -232,16 +233,10 @@ def install_global_grad_norm(engine, layout: ExpertLayout) -> None:
         def scaled_global_norm(self, norm_type=2):
             # DeepSpeed only builds is_moe_param_group when the model has MoE layers
             moe_group = self.is_moe_param_group if hasattr(self, "is_moe_param_group") else None
-            dense = torch.zeros((), dtype=torch.float32)
-            expert = torch.zeros((), dtype=torch.float32)
-            for i, grads in self.averaged_gradients.items() if isinstance(self.averaged_gradients, dict) \
-                    else enumerate(self.averaged_gradients):
-                sq = sum((g.detach().float().pow(2).sum().cpu() for g in grads if g is not None),
-                         torch.zeros((), dtype=torch.float32))
-                if moe_group is not None and moe_group[i]:
-                    expert += sq
-                else:
-                    dense += sq
+            groups = self.averaged_gradients
+            groups = groups.items() if isinstance(groups, dict) else enumerate(groups)
+            dense, expert = squares((g, moe_group is not None and moe_group[i])
+                                    for i, grads in groups for g in grads)
             norm = global_grad_norm(dense, expert, layout, partitioned=True)
             engine.dsv3_nonfinite = not math.isfinite(norm.item())
             return norm.to(self.device)

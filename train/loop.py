@@ -255,11 +255,10 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
             _log0(rank, f"step {step}: non-finite loss or gradient norm, optimizer step skipped "
                         f"({consecutive_bad} in a row, {skipped} in all)")
             if consecutive_bad >= cfg.train.max_bad_steps:
-                last = ckpt_io.complete_checkpoints(run_dir / "checkpoints")
                 raise TrainingError(
                     f"halting at step {step}: {consecutive_bad} consecutive steps with non-finite loss or "
                     f"gradient norm (train.max_bad_steps={cfg.train.max_bad_steps}); last good checkpoint: "
-                    f"{last[-1] if last else 'none'}")
+                    f"{_last_checkpoint(run_dir)}")
         else:
             consecutive_bad = 0
         gamma = schedule.bias_update_rate(cfg, step)
@@ -298,10 +297,9 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
             try:
                 ckpt_io.save(engine, layout, run_dir, step, client, cfg.model, cfg.checkpoint.keep, rank)
             except OSError as err:  # disk full, quota, file size limit: the previous checkpoint is untouched
-                last = ckpt_io.complete_checkpoints(run_dir / "checkpoints")
                 raise TrainingError(
                     f"saving the step-{step} checkpoint failed ({err}); the previous checkpoint "
-                    f"{last[-1] if last else '(none)'} is intact and resumable") from err
+                    f"{_last_checkpoint(run_dir)} is intact and resumable") from err
 
         if stop_signal:
             _log0(rank, f"{stop_signal}: saved a checkpoint at step {step}, stopping")
@@ -315,6 +313,12 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     if dist.is_initialized():
         dist.barrier()
     return TrainResult(step, val_loss, first_val, run_dir, stopped_by=stop.agreed_reason)
+
+
+def _last_checkpoint(run_dir: Path) -> str:
+    """The newest complete checkpoint of a run, for messages."""
+    found = ckpt_io.complete_checkpoints(run_dir / "checkpoints")
+    return str(found[-1]) if found else "(none)"
 
 
 def _peak_memory(device: torch.device) -> int:
