@@ -59,6 +59,9 @@ class ModelConfig:
     scoring_func: str = "sigmoid"  # "sigmoid" (V3) or "softmax" (V2-style)
     seq_aux_loss_alpha: float = 0.0  # complementary sequence-wise balance loss α; 0 = off (report: 1e-4)
     moe_impl: str = "grouped"  # "grouped" (sorted tokens, one grouped GEMM) or "loop" (reference)
+    # tokens per chunk of the fused head + cross-entropy (model/loss.py); 0 = the reference
+    # path that materialises all logits. Does not change the result beyond fp32 rounding.
+    loss_chunk_size: int = 256
     # --- MTP (report §2.2) ---
     num_nextn_predict_layers: int = 1  # MTP depth D
     mtp_loss_weight: float = 0.3  # λ; the trainer's schedule may override per step
@@ -157,6 +160,8 @@ class ModelConfig:
             raise ConfigError("model.rms_norm_eps/rope_theta/initializer_range", None, "must be positive")
         if self.routed_scaling_factor <= 0:
             raise ConfigError("model.routed_scaling_factor", self.routed_scaling_factor, "must be positive")
+        if self.loss_chunk_size < 0:
+            raise ConfigError("model.loss_chunk_size", self.loss_chunk_size, "must be >= 0 (0: reference loss)")
         if self.seq_aux_loss_alpha < 0 or self.mtp_loss_weight < 0:
             raise ConfigError("model.seq_aux_loss_alpha/mtp_loss_weight", None, "must be >= 0")
         rs = self.rope_scaling

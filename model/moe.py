@@ -123,15 +123,11 @@ class RoutedExperts(nn.Module):
         n, k = topk_idx.shape
         flat_expert = topk_idx.reshape(-1)  # (N·k,)
         order = flat_expert.argsort(stable=True)  # token copies sorted by expert
-        token = order // k  # (N·k,) source token of each sorted copy
+        inverse = order.argsort()
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
-        xs = x[token]  # (N·k, hidden)
+        xs = gather_rows(x, order, inverse, k)  # (N·k, hidden): copy i is token order[i] // k
         y = self.expert_ffn(xs, counts)  # (N·k, hidden)
-        # Combine without zeros + index_add (a scatter in both passes): put the copies back in
-        # token-major order (a gather) and sum each token's k weighted outputs. Elementwise, so
-        # autocast leaves the dtype alone; the result comes back in x's dtype as before.
-        y = y[order.argsort()].view(n, k, -1)  # (N, k, hidden)
-        return (y * topk_weight.to(y.dtype).unsqueeze(-1)).sum(1).to(x.dtype)
+        return combine_rows(y, topk_weight, order, inverse).to(x.dtype)
 
     def expert_ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows of xs sorted by expert, counts[e] rows each -> each row through its expert's FFN.
@@ -140,6 +136,60 @@ class RoutedExperts(nn.Module):
         """
         gate, up = self.gemm(xs, self.gate_up_proj, counts).chunk(2, dim=-1)  # (rows, I) each
         return self.gemm(F.silu(gate) * up, self.down_proj, counts)
+
+
+class _GatherRows(torch.autograd.Function):
+    """rows = x[order // k]. The backward gathers by the inverse permutation and sums each
+    token's k copies, instead of autograd's zero fill + accumulating scatter (index_put), which
+    on CPU cost more than the expert GEMMs of a small model."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, order // k if k > 1 else order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        g = grad.index_select(0, inverse)  # back to token-major order
+        if ctx.k > 1:
+            g = g.view(-1, ctx.k, g.shape[-1]).sum(1)
+        return g, None, None, None
+
+
+def gather_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """x (N, d) -> (N·k, d) with row i = x[order[i] // k]; inverse = order.argsort().
+
+    With k = 1 a plain row permutation (its backward is the inverse permutation)."""
+    return _GatherRows.apply(x, order, inverse, k)
+
+
+class _CombineRows(torch.autograd.Function):
+    """out[t] = Σ_j w[t, j] · y[inverse[t·k + j]]: un-sort expert outputs and take each token's
+    weighted sum in one batched matmul; backward gathers instead of scattering."""
+
+    @staticmethod
+    def forward(ctx, y, weight, order, inverse):
+        n, k = weight.shape
+        y_tok = y.index_select(0, inverse).view(n, k, y.shape[-1])  # (N, k, d) token-major
+        w = weight.to(y.dtype)
+        ctx.save_for_backward(y_tok, w, order)
+        ctx.weight_dtype = weight.dtype
+        return torch.bmm(w.unsqueeze(1), y_tok).squeeze(1)  # (N, d)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y_tok, w, order = ctx.saved_tensors
+        grad_w = torch.bmm(y_tok, grad.unsqueeze(-1)).squeeze(-1).to(ctx.weight_dtype)  # (N, k)
+        grad_y = (w.unsqueeze(-1) * grad.unsqueeze(1)).view(-1, grad.shape[-1])  # (N·k, d) token-major
+        return grad_y.index_select(0, order), grad_w, None, None
+
+
+def combine_rows(y: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """y (N·k, d) in expert order, weight (N, k) gate values -> (N, d) Σ_j weight[t, j] · copy (t, j)."""
+    with torch.autocast(y.device.type, enabled=False):  # y's dtype, as the elementwise version had
+        return _CombineRows.apply(y, weight, order, inverse)
 
 
 def _grouped_mm_supported(x: torch.Tensor) -> bool:

@@ -11,12 +11,11 @@ from torch import nn
 
 from .attention import MLA
 from .config import ModelConfig
+from .loss import IGNORE_INDEX, linear_cross_entropy
 from .moe import MLP, MoE, update_correction_bias
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
-
-IGNORE_INDEX = -100
 
 
 @torch.no_grad()
@@ -60,7 +59,7 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, vocab) main head
+    logits: torch.Tensor | None  # (B, T, vocab) main head; None unless forward(return_logits=True)
     loss: torch.Tensor  # lm_loss + λ·mtp_loss (+ balance loss when enabled)
     lm_loss: torch.Tensor
     mtp_loss: torch.Tensor | None  # mean over the D depths of each depth's CE; None when D = 0
@@ -135,13 +134,31 @@ class DeepSeekV3(nn.Module):
                 aux.append(a)
         return self.norm(h), cos, sin, counts, aux
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, mtp_weight: float | None = None):
-        """tokens (B, T) -> logits (B, T, vocab); with targets (B, T; next tokens, -100 ignored) -> ModelOutput."""
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        mtp_weight: float | None = None,
+        return_logits: bool = False,
+    ):
+        """tokens (B, T) -> logits (B, T, vocab); with targets (B, T; next tokens, -100 ignored) -> ModelOutput.
+
+        With targets the head and cross-entropy run fused in chunks (model/loss.py) and
+        ModelOutput.logits is None; return_logits=True (or model.loss_chunk_size=0) takes the
+        reference path that materialises the logits and returns them.
+        """
         h, cos, sin, counts, aux = self._trunk(tokens)
-        logits = self.lm_head(h)  # (B, T, vocab)
         if targets is None:
-            return logits
-        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+            return self.lm_head(h)  # (B, T, vocab)
+        fused = self.cfg.loss_chunk_size > 0 and not return_logits
+        logits = None if fused else self.lm_head(h)
+
+        def cross_entropy(h_k: torch.Tensor, logits_k: torch.Tensor | None, targets_k: torch.Tensor):
+            if logits_k is None:
+                return linear_cross_entropy(h_k, self.lm_head.weight, targets_k, self.cfg.loss_chunk_size)
+            return F.cross_entropy(logits_k.float().flatten(0, 1), targets_k.flatten(), ignore_index=IGNORE_INDEX)
+
+        lm_loss = cross_entropy(h, logits, targets)
 
         mtp_losses = []
         for k, module in enumerate(self.mtp, start=1):
@@ -154,10 +171,7 @@ class DeepSeekV3(nn.Module):
             counts.append(c)
             if a is not None:
                 aux.append(a)
-            mtp_logits = self.lm_head(h)  # (B, T-k, vocab)
-            mtp_losses.append(
-                F.cross_entropy(mtp_logits.float().flatten(0, 1), targets[:, k:].flatten(), ignore_index=IGNORE_INDEX)
-            )
+            mtp_losses.append(cross_entropy(h, None if fused else self.lm_head(h), targets[:, k:]))
 
         weight = self.cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else None

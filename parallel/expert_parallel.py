@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model import DeepSeekV3
-from model.moe import RoutedExperts
+from model.moe import RoutedExperts, combine_rows, gather_rows
 
 from .groups import ExpertLayout
 
@@ -94,23 +94,23 @@ class ExpertParallelExperts(RoutedExperts, _deepspeed_moe_base()):
         n, k = topk_idx.shape
         flat_expert = topk_idx.reshape(-1)  # (N·k,)
         order = flat_expert.argsort(stable=True)
-        token = order // k  # source token of each sorted copy
+        inverse = order.argsort()
         send_counts = torch.bincount(flat_expert, minlength=self.num_experts).view(lay.ep, self.num_local_experts)
         recv_counts = torch.empty_like(send_counts)  # (ep, local): rows = source rank
         dist.all_to_all_single(recv_counts, send_counts, group=group)
         send_splits = send_counts.sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
 
-        rows = x[token]  # (N·k, hidden), grouped by destination rank
+        rows = gather_rows(x, order, inverse, k)  # (N·k, hidden), grouped by destination rank
         received = AllToAll.apply(rows, recv_splits, send_splits, group)  # (R, hidden), (source, expert) order
         local_id = torch.arange(self.num_local_experts, device=x.device).repeat(lay.ep)
         local_id = local_id.repeat_interleave(recv_counts.flatten())  # (R,) local expert of each row
         by_expert = local_id.argsort(stable=True)  # (source, expert) -> (expert, source)
-        y = self.expert_ffn(received[by_expert], recv_counts.sum(0))
-        y = y[by_expert.argsort()]  # back to (source, expert) order
+        to_source = by_expert.argsort()
+        y = self.expert_ffn(gather_rows(received, by_expert, to_source), recv_counts.sum(0))
+        y = gather_rows(y, to_source, by_expert)  # back to (source, expert) order
         returned = AllToAll.apply(y, send_splits, recv_splits, group)  # (N·k, hidden), this rank's sorted order
-        returned = returned * topk_weight.reshape(-1)[order, None].to(returned.dtype)
-        return torch.zeros_like(x).index_add_(0, token, returned)
+        return combine_rows(returned, topk_weight, order, inverse).to(x.dtype)
 
 
 def apply_expert_parallel(model: DeepSeekV3, layout: ExpertLayout) -> DeepSeekV3:

@@ -66,7 +66,7 @@ def main(out: Path, ep: int, zero: int, skew: bool) -> None:
         seq = torch.randint(0, cfg.model.vocab_size, (global_batch, cfg.data.seq_len + 1), generator=gen)
         tokens, targets = seq[:, :-1], seq[:, 1:]
         # reference: whole batch, one process
-        ref_out = ref(tokens, targets)
+        ref_out = ref(tokens, targets, return_logits=True)
         ref_opt.zero_grad()
         ref_out.loss.backward()
         ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}  # before clipping
@@ -75,7 +75,7 @@ def main(out: Path, ep: int, zero: int, skew: bool) -> None:
         ref.update_routing_bias(ref_out.expert_counts, 1e-3)
 
         # expert-parallel: this rank's share
-        res = engine(tokens[mine], targets[mine])
+        res = engine(tokens[mine], targets[mine], return_logits=True)
         note("logits", (res.logits - ref_out.logits[mine]).abs().max())
         if step == 0:
             note("logits_step0", (res.logits - ref_out.logits[mine]).abs().max())

@@ -90,12 +90,14 @@ def test_grouped_experts_equal_the_loop_reference(dtype, atol, rtol):
     idx[idx == 5] = 6
     w = torch.rand(n, k)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = loop(xa, idx, w), fast(xb, idx, w)
+    wa, wb = w.clone().requires_grad_(), w.clone().requires_grad_()  # gate values get gradients too
+    ya, yb = loop(xa, idx, wa), fast(xb, idx, wb)
     torch.testing.assert_close(yb, ya, atol=atol, rtol=rtol)
     g = torch.randn_like(ya)
     ya.backward(g)
     yb.backward(g)
     torch.testing.assert_close(xb.grad, xa.grad, atol=atol, rtol=rtol)
+    torch.testing.assert_close(wb.grad, wa.grad, atol=atol * 5, rtol=rtol)
     for name in ("gate_up_proj", "down_proj"):
         ga, gb = getattr(loop, name).grad, getattr(fast, name).grad
         torch.testing.assert_close(gb, ga, atol=atol * 5, rtol=rtol)

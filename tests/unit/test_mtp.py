@@ -72,8 +72,9 @@ def test_depth_two_and_the_output_contract():
     tokens = torch.randint(0, cfg.vocab_size, (2, 9))
     targets = torch.randint(0, cfg.vocab_size, (2, 9))
     targets[0, 3] = -100
-    out = model(tokens, targets, mtp_weight=0.1)
+    out = model(tokens, targets, mtp_weight=0.1, return_logits=True)
     assert out.logits.shape == (2, 9, cfg.vocab_size)
+    assert model(tokens, targets).logits is None  # the fused loss never forms them
     n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace + 2
     assert out.expert_counts.shape == (n_moe, cfg.n_routed_experts)
     # main layers route 18 tokens each; MTP depth k routes 2·(9-k)

@@ -1,0 +1,96 @@
+"""Output head and cross-entropy in one pass over token chunks, never holding (N, vocab) logits.
+
+The reference is `F.cross_entropy(h @ W.T, targets)`. It writes the full logits, then their
+log-softmax, then a zero-filled gradient of the same size, then the log-softmax gradient: four
+(N, vocab) tensors that dominate a small model's step (on a 2-core CPU the smoke model's
+2048 x 8192 logits cost ~25% of the step, most of it in memory traffic and page faults, not
+arithmetic). Here the rows go through in chunks small enough to stay in cache, and the
+gradients for h and W are formed during the forward pass, while each chunk's softmax is at
+hand:
+
+    logits_c = h_c W^T                      (c, V), in the compute dtype
+    logp_c   = log_softmax(float(logits_c)) fp32
+    loss    += -Σ logp_c[i, t_i]            over rows whose target is not ignored
+    G_c      = (softmax_c - onehot(t)) / n  the gradient of the mean loss for those rows, 0 else
+    dh_c     = G_c W,   dW += G_c^T h_c
+
+Backward then only scales dh and dW by the incoming gradient. Under no_grad (evaluation) the
+gradient work is skipped. The arithmetic is the reference's; results agree to fp32 rounding
+(tests/unit/test_loss.py checks loss and both gradients against the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        valid = targets != IGNORE_INDEX
+        n_valid = valid.sum()
+        # 1/n on the rows that count, 0 on ignored rows: the mean's gradient in one factor
+        row_scale = valid.to(torch.float32) / n_valid
+        safe_targets = targets.clamp_min(0)
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        if want_grad:
+            dh = torch.empty_like(h)
+            dw = torch.zeros_like(weight, dtype=torch.float32)
+        # Chunk buffers reused with out=: a fresh (c, V) tensor per op would page-fault on CPU
+        # (glibc hands large blocks back to the OS on free) and fragment the CUDA cache.
+        rows_max, vocab = min(chunk, h.shape[0]), weight.shape[0]
+        logits_buf = h.new_empty(rows_max, vocab)  # compute dtype
+        logp_buf = torch.empty(rows_max, vocab, dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            h_c, t_c = h[rows], safe_targets[rows, None]
+            logits = torch.mm(h_c, weight.t(), out=logits_buf[: h_c.shape[0]])
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp_buf[: h_c.shape[0]])
+            loss_sum -= (logp.gather(1, t_c).squeeze(1) * valid[rows]).sum()
+            if not want_grad:
+                continue
+            s_c = row_scale[rows, None]
+            grad = logp.exp_().mul_(s_c)  # softmax / n, in place of logp
+            grad.scatter_add_(1, t_c, -s_c)  # minus the one-hot, / n
+            if grad.dtype != h.dtype:  # low-precision GEMMs as in the reference
+                grad = logits.copy_(grad)
+            torch.mm(grad, weight, out=dh[rows])
+            if dw.dtype == grad.dtype:
+                torch.addmm(dw, grad.t(), h_c, out=dw)  # = addmm_, which FlopCounterMode does not count
+            else:  # partial dW of each chunk summed in fp32
+                dw += grad.t() @ h_c
+        # kept on ctx, not saved: they are results, and backward scales them in place
+        ctx.dh, ctx.dw = (dh, dw) if want_grad else (None, None)
+        ctx.weight_dtype = weight.dtype
+        return loss_sum / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        dh, dw = ctx.dh, ctx.dw
+        ctx.dh = ctx.dw = None
+        return dh.mul_(grad_loss.to(dh.dtype)), dw.mul_(grad_loss).to(ctx.weight_dtype), None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 256):
+    """Mean cross-entropy of softmax(h @ weight.T) against targets (IGNORE_INDEX rows skipped).
+
+    h (..., d), weight (V, d), targets (...) -> scalar fp32 loss. Under autocast h and weight
+    are cast to the autocast dtype first, as the reference's Linear would be; the softmax is fp32.
+    """
+    h = h.reshape(-1, h.shape[-1])
+    device = h.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        h, weight = h.to(dtype), weight.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight, targets.reshape(-1), chunk)
+
+
+def reference_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The obvious version: full logits, then F.cross_entropy in fp32. Kept for tests."""
+    logits = F.linear(h, weight)
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
