@@ -1,7 +1,8 @@
 """Training throughput of our DeepSeekV3 against HF transformers' DeepseekV3ForCausalLM on CPU.
 
 Same model config, batch and sequence length; weights identical (model.hf.save_pretrained, then
-transformers' from_pretrained); the same random token batches; torch AdamW with the same
+transformers' from_pretrained); the same random token batches; torch's fused AdamW (what
+`dsv3 train` uses, and HF Trainer's default `adamw_torch_fused` on torch >= 2.8) with the same
 hyperparameters (smoke.yaml's optim: lr, betas, eps, weight decay on every parameter) and
 gradient clipping at 1.0 for all. MTP is off for ours (num_nextn_predict_layers=0): HF has none,
 so both compute the same thing. HF runs twice: with its default attention implementation
@@ -44,7 +45,7 @@ CONFIGS = {
 
 def _optimizer(model, o):
     return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             weight_decay=o.weight_decay)
+                             weight_decay=o.weight_decay, fused=True)
 
 
 def _step(kind, model, opt, tokens, targets) -> float:

@@ -58,8 +58,14 @@ class MLA(nn.Module):
 
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, qk_head_dim)
         k = torch.cat([k_nope, k_rope.expand(b, t, n, rope_d)], dim=-1)  # rope key shared by heads
+        pad = q.shape[-1] - vd
+        if pad > 0 and torch.backends.cuda.flash_sdp_enabled():  # (the flag covers CPU's kernel too)
+            # Flash kernels (torch's CPU one, and on CUDA) want one head width for q, k and v;
+            # zero columns of v give zero output columns, sliced off below. Without flash (say
+            # under sdpa_kernel(MATH)) the padding would only add work.
+            v = F.pad(v, (0, pad))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             is_causal=True, scale=cfg.softmax_scale,
-        )  # (B, H, T, v)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, n * vd))
+        )  # (B, H, T, qk_head_dim or v)
+        return self.o_proj(out[..., :vd].transpose(1, 2).reshape(b, t, n * vd))

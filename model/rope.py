@@ -72,8 +72,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     x = x.float()
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, seq, 1, dim/2)
     if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]  # pairs (0,1), (2,3), ...
-        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        # pairs (0,1), (2,3), ... as complex numbers times e^{iθ}: one kernel each way instead
+        # of the slices, products and stack (same products and sums, bit-identical on CPU)
+        pairs = x.unflatten(-1, (-1, 2))
+        if pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
+            pairs = pairs.contiguous()  # view_as_complex needs pair-aligned strides
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)).flatten(-2)
     else:
         x1, x2 = x.chunk(2, dim=-1)  # pairs (i, i + dim/2)
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -4,7 +4,7 @@ One process per device. Under torchrun (or SLURM, via launch/) the rendezvous co
 environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a plain `dsv3 train` is a
 world of one. CPU runs use gloo, GPU runs NCCL. DeepSpeed owns data-parallel gradient
 reduction, ZeRO partitioning of optimizer state (stages 0-2), gradient accumulation and
-clipping; the optimizer is torch's AdamW (no fused op to compile).
+clipping; the optimizer is torch's AdamW, its fused kernel where one exists (none to compile).
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ def build_engine(model: DeepSeekV3, cfg, info: DistInfo):
     o = cfg.optim
     optimizer = torch.optim.AdamW(
         param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+        fused=fused_adamw_ok(model),
     )
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, info.world_size, bf16),
@@ -126,6 +127,13 @@ def build_engine(model: DeepSeekV3, cfg, info: DistInfo):
     keep_router_bias_fp32(model)
     install_global_grad_norm(engine, layout)
     return engine, layout
+
+
+def fused_adamw_ok(model: torch.nn.Module) -> bool:
+    """torch's fused AdamW (one kernel per tensor instead of a dozen elementwise passes; the
+    default of HF's Trainer since torch 2.8) where it has kernels: fp32/bf16 on CPU or CUDA."""
+    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16)
+               for p in model.parameters())
 
 
 def keep_router_bias_fp32(model: DeepSeekV3) -> None:

@@ -43,7 +43,7 @@ def main(out: Path, ep: int, zero: int, skew: bool) -> None:
         for moe in model.moe_layers():
             moe.gate.e_score_correction_bias[:2] = 10.0
     ref = copy.deepcopy(model)
-    ref_opt = torch.optim.AdamW(pe.param_groups(ref, 0.1), lr=LR, betas=(0.9, 0.95), eps=1e-8)
+    ref_opt = torch.optim.AdamW(pe.param_groups(ref, 0.1), lr=LR, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
     engine, layout = pe.build_engine(model, cfg, info)
     for group in engine.optimizer.param_groups:
