@@ -139,9 +139,9 @@ class RoutedExperts(nn.Module):
 
 
 class _GatherRows(torch.autograd.Function):
-    """rows = x[order // k]. The backward gathers by the inverse permutation and sums each
-    token's k copies, instead of autograd's zero fill + accumulating scatter (index_put), which
-    on CPU cost more than the expert GEMMs of a small model."""
+    """rows = x[order // k]. Backward sums each token's k copies with one embedding_bag (a
+    gather-and-sum by the inverse permutation) instead of autograd's zero fill + accumulating
+    scatter (index_put), which on CPU cost more than the expert GEMMs of a small model."""
 
     @staticmethod
     def forward(ctx, x, order, inverse, k):
@@ -152,10 +152,9 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        g = grad.index_select(0, inverse)  # back to token-major order
-        if ctx.k > 1:
-            g = g.view(-1, ctx.k, g.shape[-1]).sum(1)
-        return g, None, None, None
+        if ctx.k == 1:
+            return grad.index_select(0, inverse), None, None, None
+        return F.embedding_bag(inverse.view(-1, ctx.k), grad.contiguous(), mode="sum"), None, None, None
 
 
 def gather_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int = 1) -> torch.Tensor:
@@ -166,24 +165,27 @@ def gather_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: 
 
 
 class _CombineRows(torch.autograd.Function):
-    """out[t] = Σ_j w[t, j] · y[inverse[t·k + j]]: un-sort expert outputs and take each token's
-    weighted sum in one batched matmul; backward gathers instead of scattering."""
+    """out[t] = Σ_j w[t, j] · y[inverse[t·k + j]]: un-sort the expert outputs and take each
+    token's weighted sum in one embedding_bag, never forming the (N, k, d) token-major copy.
+    Backward works in expert order: row i of y belongs to token order[i] // k."""
 
     @staticmethod
     def forward(ctx, y, weight, order, inverse):
         n, k = weight.shape
-        y_tok = y.index_select(0, inverse).view(n, k, y.shape[-1])  # (N, k, d) token-major
         w = weight.to(y.dtype)
-        ctx.save_for_backward(y_tok, w, order)
+        ctx.save_for_backward(y, w, order, inverse)
         ctx.weight_dtype = weight.dtype
-        return torch.bmm(w.unsqueeze(1), y_tok).squeeze(1)  # (N, d)
+        return F.embedding_bag(inverse.view(n, k), y, per_sample_weights=w, mode="sum")  # (N, d)
 
     @staticmethod
     def backward(ctx, grad):
-        y_tok, w, order = ctx.saved_tensors
-        grad_w = torch.bmm(y_tok, grad.unsqueeze(-1)).squeeze(-1).to(ctx.weight_dtype)  # (N, k)
-        grad_y = (w.unsqueeze(-1) * grad.unsqueeze(1)).view(-1, grad.shape[-1])  # (N·k, d) token-major
-        return grad_y.index_select(0, order), grad_w, None, None
+        y, w, order, inverse = ctx.saved_tensors
+        n, k = w.shape
+        grad_rows = grad.index_select(0, order // k)  # (N·k, d): each copy's token gradient
+        dots = torch.bmm(grad_rows.unsqueeze(1), y.unsqueeze(2)).view(-1)  # row-wise <grad, y>, no temporary
+        grad_w = dots.index_select(0, inverse).view(n, k).to(ctx.weight_dtype)
+        grad_y = grad_rows.mul_(w.reshape(-1).index_select(0, order).unsqueeze(-1))
+        return grad_y, grad_w, None, None
 
 
 def combine_rows(y: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
