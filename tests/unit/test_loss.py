@@ -85,5 +85,7 @@ def test_model_fused_loss_equals_the_logits_path():
     for key in ("loss", "lm_loss", "mtp_loss"):
         torch.testing.assert_close(getattr(fused, key), getattr(ref, key), atol=1e-6, rtol=1e-6)
     assert fused_grads.keys() == ref_grads.keys()
-    for name, g in ref_grads.items():
-        torch.testing.assert_close(fused_grads[name], g, atol=1e-7, rtol=1e-5, msg=name)
+    for name, g in ref_grads.items():  # fp32 rounding, relative to each gradient's scale
+        scale = g.abs().max().item()
+        err = (fused_grads[name] - g).abs().max().item()
+        assert err <= 2e-6 * scale, (name, err, scale)
