@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .norm import RMSNorm
-from .rope import apply_rope
+from .rope import apply_rope, rotate_rope_tail
 
 
 class MLA(nn.Module):
@@ -46,17 +46,19 @@ class MLA(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(b, t, n, nope + rope_d)  # (B, T, H, qk_head_dim)
-        q_nope, q_rope = q.split([nope, rope_d], dim=-1)
 
         kv_a = self.kv_a_proj_with_mqa(x)  # (B, T, kv_lora_rank + rope_d)
         c_kv, k_rope = kv_a.split([cfg.kv_lora_rank, rope_d], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(b, t, n, nope + vd)  # (B, T, H, nope + v)
         k_nope, v = kv.split([nope, vd], dim=-1)
 
-        q_rope = apply_rope(q_rope, cos, sin, cfg.rope_interleave)  # (B, T, H, rope_d)
+        if cfg.rope_interleave:
+            q = rotate_rope_tail(q, cos, sin, nope)  # (B, T, H, qk_head_dim), rope dims rotated
+        else:
+            q_nope, q_rope = q.split([nope, rope_d], dim=-1)
+            q = torch.cat([q_nope, apply_rope(q_rope, cos, sin, False)], dim=-1)
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin, cfg.rope_interleave)  # (B, T, 1, rope_d)
 
-        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, qk_head_dim)
         k = torch.cat([k_nope, k_rope.expand(b, t, n, rope_d)], dim=-1)  # rope key shared by heads
         pad = q.shape[-1] - vd
         if pad > 0 and torch.backends.cuda.flash_sdp_enabled():  # (the flag covers CPU's kernel too)

@@ -82,3 +82,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         x1, x2 = x.chunk(2, dim=-1)  # pairs (i, i + dim/2)
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(dtype)
+
+
+def rotate_rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+    """x (batch, seq, heads, dim) whose dims [start:] are an interleaved rope slice: rotate that
+    slice and leave [:start] as is, as one complex multiply over whole heads (by 1 on the pairs
+    before `start`, which is exact) instead of split, rotate and concatenate, whose backward
+    zero-fills and copies head-sized tensors. Same result as apply_rope on x[..., start:].
+    """
+    if start % 2:
+        raise ValueError(f"the rope slice must start on a pair boundary, got {start}")
+    dtype = x.dtype
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()
+    keep = torch.ones(cos.shape[0], start // 2, dtype=torch.complex64, device=x.device)
+    rotation = torch.cat([keep, torch.complex(cos, sin)], dim=-1)[None, :, None, :]  # (1, seq, 1, dim/2)
+    return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).to(dtype)

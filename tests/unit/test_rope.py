@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import RopeScaling, hf
-from model.rope import RotaryEmbedding, apply_rope, rope_frequencies
+from model.rope import RotaryEmbedding, apply_rope, rope_frequencies, rotate_rope_tail
 
 from .helpers import make_config
 
@@ -78,3 +78,13 @@ def test_rope_is_relative():
         return (qi * kj).sum()
 
     torch.testing.assert_close(score(5, 2), score(40, 37), atol=1e-5, rtol=0)
+
+
+def test_rotate_rope_tail_equals_split_rotate_concatenate():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 3, 20, generator=g)  # 12 nope dims, then an 8-dim interleaved rope slice
+    angle = torch.randn(5, 4, generator=g)
+    expected = torch.cat([x[..., :12], apply_rope(x[..., 12:], angle.cos(), angle.sin(), True)], dim=-1)
+    got = rotate_rope_tail(x, angle.cos(), angle.sin(), 12)
+    assert torch.equal(got[..., :12], x[..., :12])  # multiplying by 1 + 0i is exact
+    torch.testing.assert_close(got, expected, atol=2e-7, rtol=1e-6)  # vectorised complex products: 1 ulp
