@@ -39,7 +39,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         if want_grad:
             dh = torch.empty_like(h)
-            dw = torch.zeros_like(weight, dtype=torch.float32)
+            dw = torch.empty_like(weight, dtype=torch.float32)  # the first chunk writes, the rest add
         # Chunk buffers reused with out=: a fresh (c, V) tensor per op would page-fault on CPU
         # (glibc hands large blocks back to the OS on free) and fragment the CUDA cache.
         rows_max, vocab = min(chunk, h.shape[0]), weight.shape[0]
@@ -59,10 +59,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad.dtype != h.dtype:  # low-precision GEMMs as in the reference
                 grad = logits.copy_(grad)
             torch.mm(grad, weight, out=dh[rows])
-            if dw.dtype == grad.dtype:
-                torch.addmm(dw, grad.t(), h_c, out=dw)  # = addmm_, which FlopCounterMode does not count
-            else:  # partial dW of each chunk summed in fp32
-                dw += grad.t() @ h_c
+            if dw.dtype == grad.dtype:  # (out= forms: FlopCounterMode does not count addmm_)
+                if start == 0:
+                    torch.mm(grad.t(), h_c, out=dw)
+                else:
+                    torch.addmm(dw, grad.t(), h_c, out=dw)
+            else:  # the reference's low-precision GEMM per chunk; partial dWs summed in fp32
+                part = grad.t() @ h_c
+                if start == 0:
+                    dw.copy_(part)
+                else:
+                    dw += part
         # kept on ctx, not saved: they are results, and backward scales them in place
         ctx.dh, ctx.dw = (dh, dw) if want_grad else (None, None)
         ctx.weight_dtype = weight.dtype
@@ -72,7 +79,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         dh, dw = ctx.dh, ctx.dw
         ctx.dh = ctx.dw = None
-        return dh.mul_(grad_loss.to(dh.dtype)), dw.mul_(grad_loss).to(ctx.weight_dtype), None, None
+        # the loss is usually the root of backward (grad 1): skip two passes where checking is free
+        if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
+            dh.mul_(grad_loss.to(dh.dtype))
+            dw.mul_(grad_loss)
+        return dh, dw.to(ctx.weight_dtype), None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 256):
