@@ -77,6 +77,8 @@ class DeepSeekV3(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # (h, weight, targets, chunk) -> mean CE; `dsv3 bench` wraps it to time the head
+        self.head_loss = linear_cross_entropy
         self.rotary = RotaryEmbedding(cfg)
         self.mtp = nn.ModuleList(
             MTPModule(cfg, cfg.num_hidden_layers + k, DecoderLayer(cfg, cfg.num_hidden_layers + k, moe=True))
@@ -155,7 +157,7 @@ class DeepSeekV3(nn.Module):
 
         def cross_entropy(h_k: torch.Tensor, logits_k: torch.Tensor | None, targets_k: torch.Tensor):
             if logits_k is None:
-                return linear_cross_entropy(h_k, self.lm_head.weight, targets_k, self.cfg.loss_chunk_size)
+                return self.head_loss(h_k, self.lm_head.weight, targets_k, self.cfg.loss_chunk_size)
             return F.cross_entropy(logits_k.float().flatten(0, 1), targets_k.flatten(), ignore_index=IGNORE_INDEX)
 
         lm_loss = cross_entropy(h, logits, targets)

@@ -8,12 +8,14 @@ profiled step.
 
 Breakdown method: one more optimizer step runs under torch.profiler (CPU activity, plus CUDA on
 GPU). Forward hooks open `record_function` scopes around MLA (attention), the router, the routed
-experts and, inside them, each grouped expert GEMM; the engine's step is scoped as optimizer.
+experts and, inside them, each grouped expert GEMM; the fused output head + cross-entropy
+(model.loss, which forms its gradients in the forward) is scoped as head_loss, and the
+engine's step as optimizer.
 Forward time of a part is its scope's duration (expert dispatch/permutation = routed-experts scope
 minus its GEMMs). Backward ops are attributed through autograd's sequence numbers: every
 `autograd::engine::evaluate_function` event carries the sequence number of the forward op that
 made it, and that op's innermost scope names the part. Communication is every c10d/gloo/nccl
-collective op. "other" is the rest (embedding, norms, dense/shared MLPs, head, loss, glue).
+collective op. "other" is the rest (embedding, norms, dense/shared MLPs, glue).
 Profiler overhead makes the profiled step slower than the timed ones; the parts are reported in
 seconds of that step and as fractions of it.
 """
@@ -28,7 +30,7 @@ from collections import defaultdict
 
 import torch
 
-PARTS = ("attention", "router", "expert_gemm", "dispatch", "optimizer", "communication", "other")
+PARTS = ("attention", "router", "expert_gemm", "dispatch", "head_loss", "optimizer", "communication", "other")
 _SCOPE = "bench::"
 
 
@@ -53,6 +55,14 @@ class _Scopes:
         from model.moe import RoutedExperts, Router
 
         self.handles, self.restore = [], []
+        head_loss = model.head_loss
+
+        def scoped_head_loss(*args, _fn=head_loss):
+            with torch.profiler.record_function(_SCOPE + "head_loss"):
+                return _fn(*args)
+
+        model.head_loss = scoped_head_loss
+        self.restore.append((model, "head_loss", head_loss))
         for m in model.modules():
             name = {MLA: "attention", Router: "router", RoutedExperts: "experts"}.get(type(m))
             if name is None:
@@ -66,7 +76,7 @@ class _Scopes:
                         return _gemm(x, w, counts)
 
                 m.gemm = scoped_gemm
-                self.restore.append((m, gemm))
+                self.restore.append((m, "gemm", gemm))
 
     def _scope(self, module, name):
         def pre(mod, args):
@@ -81,8 +91,8 @@ class _Scopes:
     def remove(self):
         for h in self.handles:
             h.remove()
-        for m, gemm in self.restore:
-            m.gemm = gemm
+        for m, attr, fn in self.restore:
+            setattr(m, attr, fn)
 
 
 def _is_comm(name: str) -> bool:

@@ -28,6 +28,7 @@ def test_bench_json_keys_and_mfu():
     assert result["tokens_per_s"] > 0 and result["step_time_s"] > 0 and result["peak_mem_bytes"] > 0
     assert result["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / result["step_time_s"])
     assert result["mfu"] == pytest.approx(result["flops_per_token"] * result["tokens_per_s"] / result["peak_flops"])
-    assert set(result["breakdown_s"]) == {"attention", "router", "expert_gemm", "dispatch", "optimizer",
-                                          "communication", "other"}
+    assert set(result["breakdown_s"]) == {"attention", "router", "expert_gemm", "dispatch", "head_loss",
+                                          "optimizer", "communication", "other"}
     assert result["breakdown_s"]["attention"] > 0 and result["breakdown_s"]["expert_gemm"] > 0
+    assert result["breakdown_s"]["head_loss"] > 0
