@@ -154,10 +154,13 @@ class DeepSeekV3(nn.Module):
             return self.lm_head(h)  # (B, T, vocab)
         fused = self.cfg.loss_chunk_size > 0 and not return_logits
         logits = None if fused else self.lm_head(h)
+        head_weight = self.lm_head.weight
+        if fused and torch.is_autocast_enabled(h.device.type):  # one cast for the main and MTP heads
+            head_weight = head_weight.to(torch.get_autocast_dtype(h.device.type))
 
         def cross_entropy(h_k: torch.Tensor, logits_k: torch.Tensor | None, targets_k: torch.Tensor):
             if logits_k is None:
-                return self.head_loss(h_k, self.lm_head.weight, targets_k, self.cfg.loss_chunk_size)
+                return self.head_loss(h_k, head_weight, targets_k, self.cfg.loss_chunk_size)
             return F.cross_entropy(logits_k.float().flatten(0, 1), targets_k.flatten(), ignore_index=IGNORE_INDEX)
 
         lm_loss = cross_entropy(h, logits, targets)

@@ -89,3 +89,22 @@ def test_model_fused_loss_equals_the_logits_path():
         scale = g.abs().max().item()
         err = (fused_grads[name] - g).abs().max().item()
         assert err <= 2e-6 * scale, (name, err, scale)
+
+
+def test_model_fused_loss_under_bf16_autocast():
+    """The GPU layout on CPU: bf16 autocast around the forward; fused and logits paths agree to bf16."""
+    model = build(seed=4, num_nextn_predict_layers=1, loss_chunk_size=7)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 12))
+    results = []
+    for return_logits in (False, True):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(tokens[:, :-1], tokens[:, 1:], return_logits=return_logits)
+        out.loss.backward()
+        results.append((out.loss.detach(), model.lm_head.weight.grad.clone(), model.embed_tokens.weight.grad.clone()))
+    (fused_loss, *fused_grads), (ref_loss, *ref_grads) = results
+    assert fused_loss.dtype == torch.float32
+    torch.testing.assert_close(fused_loss, ref_loss, atol=1e-3, rtol=1e-3)
+    for got, ref in zip(fused_grads, ref_grads):
+        assert got.dtype == torch.float32
+        assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
