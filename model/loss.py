@@ -4,9 +4,9 @@ The reference is `F.cross_entropy(h @ W.T, targets)`. It writes the full logits,
 log-softmax, then a zero-filled gradient of the same size, then the log-softmax gradient: four
 (N, vocab) tensors that dominate a small model's step (on a 2-core CPU the smoke model's
 2048 x 8192 logits cost ~25% of the step, most of it in memory traffic and page faults, not
-arithmetic). Here the rows go through in chunks small enough to stay in cache, and the
-gradients for h and W are formed during the forward pass, while each chunk's softmax is at
-hand:
+arithmetic). Here the rows go through in chunks (model.loss_chunk_size, 256 by default) in two
+buffers reused for every chunk, and the gradients for h and W are formed during the forward
+pass, while each chunk's softmax is at hand:
 
     logits_c = h_c W^T                      (c, V), in the compute dtype
     logp_c   = log_softmax(float(logits_c)) fp32
