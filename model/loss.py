@@ -101,7 +101,11 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return _LinearCrossEntropy.apply(h, weight, targets.reshape(-1), chunk)
 
 
+def logits_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of materialised logits (..., V) against targets (...), in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
 def reference_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The obvious version: full logits, then F.cross_entropy in fp32. Kept for tests."""
-    logits = F.linear(h, weight)
-    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return logits_cross_entropy(F.linear(h, weight), targets)

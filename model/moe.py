@@ -147,7 +147,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, x, order, inverse, k):
         ctx.save_for_backward(inverse)
         ctx.k = k
-        return x.index_select(0, order // k if k > 1 else order)
+        return x.index_select(0, order // k)
 
     @staticmethod
     def backward(ctx, grad):

@@ -74,10 +74,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     if interleave:
         # pairs (0,1), (2,3), ... as complex numbers times e^{iθ}: one kernel each way instead
         # of the slices, products and stack (same products and sums, bit-identical on CPU)
-        pairs = x.unflatten(-1, (-1, 2))
-        if pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
-            pairs = pairs.contiguous()  # view_as_complex needs pair-aligned strides
-        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)).flatten(-2)
+        out = _rotate_pairs(x, torch.complex(cos, sin))
     else:
         x1, x2 = x.chunk(2, dim=-1)  # pairs (i, i + dim/2)
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -92,10 +89,15 @@ def rotate_rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, star
     """
     if start % 2:
         raise ValueError(f"the rope slice must start on a pair boundary, got {start}")
-    dtype = x.dtype
-    pairs = x.float().unflatten(-1, (-1, 2))
-    if pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
-        pairs = pairs.contiguous()
     keep = torch.ones(cos.shape[0], start // 2, dtype=torch.complex64, device=x.device)
     rotation = torch.cat([keep, torch.complex(cos, sin)], dim=-1)[None, :, None, :]  # (1, seq, 1, dim/2)
-    return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).to(dtype)
+    return _rotate_pairs(x.float(), rotation).to(x.dtype)
+
+
+def _rotate_pairs(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """fp32 x (..., dim): adjacent pairs as complex numbers, times complex `rotation` (broadcast
+    over (..., dim/2)), back to (..., dim)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    if pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()  # view_as_complex needs pair-aligned strides
+    return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2)

@@ -6,12 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import MLA
 from .config import ModelConfig
-from .loss import IGNORE_INDEX, linear_cross_entropy
+from .loss import linear_cross_entropy, logits_cross_entropy
 from .moe import MLP, MoE, update_correction_bias
 from .mtp import MTPModule
 from .norm import RMSNorm
@@ -153,17 +152,18 @@ class DeepSeekV3(nn.Module):
         if targets is None:
             return self.lm_head(h)  # (B, T, vocab)
         fused = self.cfg.loss_chunk_size > 0 and not return_logits
-        logits = None if fused else self.lm_head(h)
         head_weight = self.lm_head.weight
         if fused and torch.is_autocast_enabled(h.device.type):  # one cast for the main and MTP heads
             head_weight = head_weight.to(torch.get_autocast_dtype(h.device.type))
 
-        def cross_entropy(h_k: torch.Tensor, logits_k: torch.Tensor | None, targets_k: torch.Tensor):
-            if logits_k is None:
-                return self.head_loss(h_k, head_weight, targets_k, self.cfg.loss_chunk_size)
-            return F.cross_entropy(logits_k.float().flatten(0, 1), targets_k.flatten(), ignore_index=IGNORE_INDEX)
+        def head(h_k: torch.Tensor, targets_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """(mean CE, logits or None) of one head application."""
+            if fused:
+                return self.head_loss(h_k, head_weight, targets_k, self.cfg.loss_chunk_size), None
+            logits_k = self.lm_head(h_k)
+            return logits_cross_entropy(logits_k, targets_k), logits_k
 
-        lm_loss = cross_entropy(h, logits, targets)
+        lm_loss, logits = head(h, targets)
 
         mtp_losses = []
         for k, module in enumerate(self.mtp, start=1):
@@ -176,7 +176,7 @@ class DeepSeekV3(nn.Module):
             counts.append(c)
             if a is not None:
                 aux.append(a)
-            mtp_losses.append(cross_entropy(h, None if fused else self.lm_head(h), targets[:, k:]))
+            mtp_losses.append(head(h, targets[:, k:])[0])
 
         weight = self.cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else None
