@@ -79,7 +79,8 @@ def world_size(cfg: Config) -> int:
 
 
 def check_launch(cfg: Config) -> None:
-    """The launch section's own checks, and that the global batch splits over the job's ranks."""
+    """The launch section's own checks, that the global batch splits over the job's ranks, and the
+    FP8 settings."""
     lc = cfg.launch
     for key in ("nodes", "cpus_per_task", "time_min"):
         if getattr(lc, key) <= 0:
@@ -92,6 +93,15 @@ def check_launch(cfg: Config) -> None:
         if not flag.startswith("--"):
             raise ConfigError("launch.extra_sbatch", flag, "long sbatch flags, e.g. --reservation=NAME")
     cfg.batch_layout(world_size(cfg))
+    check_precision(cfg)
+
+
+def check_precision(cfg: Config) -> None:
+    """FP8 settings the job would refuse at startup, refused before it waits in a queue."""
+    if cfg.model.precision == "fp8":
+        from parallel.fp8 import check_fp8_config
+
+        check_fp8_config(cfg)
 
 
 # ---------------------------------------------------------------------------------- in the job

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import MLA
 from .config import ModelConfig
@@ -83,6 +84,9 @@ class DeepSeekV3(nn.Module):
             MTPModule(cfg, cfg.num_hidden_layers + k, DecoderLayer(cfg, cfg.num_hidden_layers + k, moe=True))
             for k in range(cfg.num_nextn_predict_layers)
         )
+        # Full-block activation checkpointing (train.activation_checkpointing, set by parallel.engine):
+        # a run setting, not the network's shape, so not a ModelConfig field.
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -122,13 +126,22 @@ class DeepSeekV3(nn.Module):
         for moe, counts in zip(self.moe_layers(), expert_counts):
             update_correction_bias(moe.gate.e_score_correction_bias, counts, gamma)
 
+    def _block(self, block: nn.Module, *args):
+        """One decoder block or MTP module. With activation checkpointing (training, grad on) autograd
+        keeps only its inputs and runs it again in backward to rebuild the rest; what it returns,
+        expert counts included, comes from this forward alone, and the recompute sees the same
+        routing bias, since the bias moves only after the optimizer step."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def _trunk(self, tokens: torch.Tensor):
         t = tokens.shape[1]
         cos, sin = self.rotary(torch.arange(t, device=tokens.device))
         h = self.embed_tokens(tokens)  # (B, T, d)
         counts, aux = [], []
         for layer in self.layers:
-            h, c, a = layer(h, cos, sin)
+            h, c, a = self._block(layer, h, cos, sin)
             if c is not None:
                 counts.append(c)
             if a is not None:
@@ -172,7 +185,8 @@ class DeepSeekV3(nn.Module):
                 break
             # input token at position i is t_{i+k} = targets[i+k-1]; its target t_{i+k+1} = targets[i+k]
             next_tok = targets[:, k - 1 : k - 1 + t].clamp_min(0)  # ignored targets embed as token 0
-            h, c, a = module(h[:, :t], self.embed_tokens(next_tok), cos[:t], sin[:t])
+            # checkpointed whole (input norms and eh_proj with the block): one d-wide input kept per depth
+            h, c, a = self._block(module, h[:, :t], self.embed_tokens(next_tok), cos[:t], sin[:t])
             counts.append(c)
             if a is not None:
                 aux.append(a)

@@ -101,7 +101,8 @@ def deepspeed_config(cfg, world_size: int, bf16: bool) -> dict:
 
 
 def build_engine(model: DeepSeekV3, cfg, info: DistInfo):
-    """Shard the experts (EP), wrap the model in a DeepSpeed engine; returns (engine, layout)."""
+    """Switch on activation checkpointing when configured, shard the experts (EP), wrap the model
+    in a DeepSpeed engine; returns (engine, layout)."""
     import deepspeed
 
     precision = cfg.model.precision
@@ -113,6 +114,7 @@ def build_engine(model: DeepSeekV3, cfg, info: DistInfo):
         # correct for expert shards (install_global_grad_norm covers fp32 ZeRO-0 and ZeRO-1/2).
         raise ConfigError("parallel.zero_stage", 0, "expert parallelism with bf16 needs ZeRO stage 1 or 2")
     layout = build_expert_layout(cfg.parallel.ep, cfg.model.n_routed_experts)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
     apply_expert_parallel(model, layout)
     model.to(info.device)
     apply_fp8(model, cfg, info.device, verbose=info.rank == 0)  # FP8 GEMMs in before the optimizer sees params

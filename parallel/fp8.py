@@ -330,6 +330,12 @@ def check_fp8_config(cfg) -> None:
         raise ConfigError("fp8.recipe", cfg.fp8.recipe,
                           "the emulated backend implements the report's blockwise recipe only; use blockwise "
                           "(or fp8.backend=te on a GPU)")
+    if cfg.fp8.backend == "te" and cfg.train.activation_checkpointing:
+        # torch's checkpoint reruns each block in backward, after te.fp8_autocast has exited: the
+        # recompute would not run TE's FP8 recipe (nor see the first-micro-batch flag)
+        raise ConfigError("train.activation_checkpointing", True,
+                          "not supported with fp8.backend=te yet (blocks would be recomputed outside TE's "
+                          "fp8_autocast); use fp8.backend=emulated or train.activation_checkpointing=false")
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

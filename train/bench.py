@@ -15,7 +15,9 @@ Forward time of a part is its scope's duration (expert dispatch/permutation = ro
 minus its GEMMs). Backward ops are attributed through autograd's sequence numbers: every
 `autograd::engine::evaluate_function` event carries the sequence number of the forward op that
 made it, and that op's innermost scope names the part. Communication is every c10d/gloo/nccl
-collective op. "other" is the rest (embedding, norms, dense/shared MLPs, glue).
+collective op. "other" is the rest (embedding, norms, dense/shared MLPs, glue). With
+train.activation_checkpointing the recompute runs in backward under the same scopes, so each
+part includes its recompute (and a backward op that triggers one does not count it again).
 Profiler overhead makes the profiled step slower than the timed ones; the parts are reported in
 seconds of that step and as fractions of it.
 """
@@ -32,6 +34,7 @@ import torch
 
 PARTS = ("attention", "router", "expert_gemm", "dispatch", "head_loss", "optimizer", "communication", "other")
 _SCOPE = "bench::"
+_BLOCK = "block"  # a decoder block or MTP module: no part of its own, it marks a recompute in backward
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -53,6 +56,8 @@ class _Scopes:
     def __init__(self, model):
         from model.attention import MLA
         from model.moe import RoutedExperts, Router
+        from model.mtp import MTPModule
+        from model.transformer import DecoderLayer
 
         self.handles, self.restore = [], []
         head_loss = model.head_loss
@@ -63,8 +68,10 @@ class _Scopes:
 
         model.head_loss = scoped_head_loss
         self.restore.append((model, "head_loss", head_loss))
+        kinds = {MLA: "attention", Router: "router", RoutedExperts: "experts",
+                 DecoderLayer: _BLOCK, MTPModule: _BLOCK}
         for m in model.modules():
-            name = {MLA: "attention", Router: "router", RoutedExperts: "experts"}.get(type(m))
+            name = kinds.get(type(m))
             if name is None:
                 continue
             self._scope(m, name)
@@ -86,7 +93,9 @@ class _Scopes:
         def post(mod, args, out):
             mod._bench_rf.__exit__(None, None, None)
 
-        self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        # always_call: activation checkpointing's recompute stops by raising once it has rebuilt the
+        # last tensor backward needs, which may be inside this module; the scope must close anyway
+        self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
 
     def remove(self):
         for h in self.handles:
@@ -109,13 +118,13 @@ def breakdown_from_profile(events) -> dict[str, float]:
     def scope_of(ev) -> str | None:
         p = ev
         while p is not None:
-            if p.name.startswith(_SCOPE):
+            if p.name.startswith(_SCOPE) and p.name != _SCOPE + _BLOCK:
                 return p.name[len(_SCOPE):]
             p = p.cpu_parent
         return None
 
     for ev in events:
-        if ev.name.startswith(_SCOPE):
+        if ev.name.startswith(_SCOPE) and ev.name != _SCOPE + _BLOCK:
             part = ev.name[len(_SCOPE):]
             dur = ev.cpu_time_total / 1e6
             if part == "expert_gemm":
@@ -131,10 +140,23 @@ def breakdown_from_profile(events) -> dict[str, float]:
             part = scope_of(ev)
             if part is not None:
                 seq_part.setdefault(ev.sequence_nr, part)
+
+    def recompute_time(ev) -> float:
+        """Microseconds of blocks rerun inside a backward node (activation checkpointing's
+        recompute): its scoped parts count there already, the rest is "other"."""
+        total, todo = 0.0, list(ev.cpu_children)
+        while todo:
+            child = todo.pop()
+            if child.name.startswith(_SCOPE):
+                total += child.cpu_time_total
+            else:
+                todo.extend(child.cpu_children)
+        return total
+
     for ev in events:
         if ev.name.startswith("autograd::engine::evaluate_function") and ev.sequence_nr in seq_part:
             part = seq_part[ev.sequence_nr]
-            seconds["dispatch" if part == "experts" else part] += ev.cpu_time_total / 1e6
+            seconds["dispatch" if part == "experts" else part] += (ev.cpu_time_total - recompute_time(ev)) / 1e6
     return dict(seconds)
 
 

@@ -4,9 +4,10 @@ Every rank builds the same seeded model twice: a plain single-process reference,
 torch's AdamW and clip_grad_norm_ on the whole global batch, and the real thing — experts
 sharded by parallel/, wrapped by the DeepSpeed engine — fed this rank's share of the batch.
 It writes the largest differences it sees (logits, loss, gradients, grad norm, parameters and
-routing biases after 5 optimizer steps) to OUT/rank{r}.json for the test to judge.
+routing biases after 5 optimizer steps) to OUT/rank{r}.json for the test to judge. With
+`checkpointing` the real thing runs with train.activation_checkpointing (the reference without).
 
-    python -m torch.distributed.run --nproc_per_node 4 tests/distributed/ep_worker.py OUT EP ZERO [skew]
+    python -m torch.distributed.run --nproc_per_node 4 tests/distributed/ep_worker.py OUT EP ZERO [skew] [checkpointing]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import model.transformer as transformer
 from model import DeepSeekV3
 from parallel import engine as pe
 from tests.support import TINY
@@ -28,7 +30,7 @@ STEPS = 5
 LR = 1e-3
 
 
-def main(out: Path, ep: int, zero: int, skew: bool) -> None:
+def main(out: Path, ep: int, zero: int, skew: bool, checkpointing: bool) -> None:
     info = pe.init_distributed("cpu", 120)
     rank, world = info.rank, info.world_size
     global_batch = 8
@@ -36,7 +38,16 @@ def main(out: Path, ep: int, zero: int, skew: bool) -> None:
         f"parallel.ep={ep}", f"parallel.zero_stage={zero}", f"train.global_batch_size={global_batch}",
         f"train.micro_batch_size={global_batch // world}", f"optim.lr={LR}", "optim.weight_decay=0.1",
         "optim.grad_clip=0.05",  # small enough that clipping is active, so the norm matters
+        f"train.activation_checkpointing={checkpointing}",
     ])
+    checkpointed = []  # the blocks the engine's forwards ran under torch's checkpoint, by class name
+    real_checkpoint = transformer.checkpoint
+
+    def counting_checkpoint(fn, *args, **kwargs):
+        checkpointed.append(type(fn).__name__)
+        return real_checkpoint(fn, *args, **kwargs)
+
+    transformer.checkpoint = counting_checkpoint
     torch.manual_seed(0)
     model = DeepSeekV3(cfg.model)
     if skew:  # every token picks experts 0 and 1, which live on rank 0 of each EP group
@@ -103,10 +114,11 @@ def main(out: Path, ep: int, zero: int, skew: bool) -> None:
         if name.endswith("e_score_correction_bias"):
             note("bias", (b - dict(ref.named_buffers())[name]).abs().max())
     diffs["routed_to_experts_0_1"] = routed_to_rank0
+    diffs["checkpointed"] = {name: checkpointed.count(name) for name in set(checkpointed)}
     diffs["expert_range"] = [first, last]
     (out / f"rank{rank}.json").write_text(json.dumps(diffs))
     dist.barrier()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), len(sys.argv) > 4 and sys.argv[4] == "skew")
+    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), "skew" in sys.argv[4:], "checkpointing" in sys.argv[4:])

@@ -1,12 +1,17 @@
-"""`dsv3 bench`: the JSON contract on a tiny config, and MFU = flops_per_token · tokens/s / peak."""
+"""`dsv3 bench`: the JSON contract on a tiny config, MFU = flops_per_token · tokens/s / peak, and the
+breakdown's profiler scopes under activation checkpointing."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from tests.support import run_cli
+from train.bench import PARTS, _Scopes, breakdown_from_profile
+
+from .helpers import build
 
 TINY = [
     "model.vocab_size=256", "model.hidden_size=32", "model.intermediate_size=64", "model.moe_intermediate_size=16",
@@ -32,3 +37,33 @@ def test_bench_json_keys_and_mfu():
                                           "optimizer", "communication", "other"}
     assert result["breakdown_s"]["attention"] > 0 and result["breakdown_s"]["expert_gemm"] > 0
     assert result["breakdown_s"]["head_loss"] > 0
+
+
+def test_breakdown_scopes_close_under_activation_checkpointing():
+    """The recompute stops by raising inside the last module that saves a tensor (the routed
+    experts when there are no shared experts): every scope must still close, so each recomputed
+    block nests in the backward node that reran it, and no part comes out negative."""
+    model = build(seed=0, n_shared_experts=0).train()
+    model.activation_checkpointing = True
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    scopes = _Scopes(model)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(tokens[:, :-1], tokens[:, 1:]).loss.backward()
+    finally:
+        scopes.remove()
+
+    def in_backward(ev) -> bool:
+        while ev.cpu_parent is not None:
+            ev = ev.cpu_parent
+            if ev.name.startswith("autograd::engine::evaluate_function"):
+                return True
+        return False
+
+    # a scope left open ends up outside the backward node that ran the recompute
+    recomputed = [ev.name for ev in prof.events() if ev.name.startswith("bench::") and in_backward(ev)]
+    blocks = len(model.layers) + 2 * len(model.mtp)  # an MTP module and the decoder block inside it
+    assert recomputed.count("bench::block") == blocks
+    assert recomputed.count("bench::experts") == len(model.moe_layers())
+    parts = breakdown_from_profile(prof.events())
+    assert all(parts.get(p, 0.0) >= 0 for p in PARTS) and parts["attention"] > 0 and parts["dispatch"] > 0
