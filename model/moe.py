@@ -122,8 +122,7 @@ class RoutedExperts(nn.Module):
     def forward_grouped(self, x, topk_idx, topk_weight):
         n, k = topk_idx.shape
         flat_expert = topk_idx.reshape(-1)  # (N·k,)
-        order = flat_expert.argsort(stable=True)  # token copies sorted by expert
-        inverse = order.argsort()
+        order, inverse = sort_by_key(flat_expert)  # token copies sorted by expert
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
         xs = gather_rows(x, order, inverse, k)  # (N·k, hidden): copy i is token order[i] // k
         y = self.expert_ffn(xs, counts)  # (N·k, hidden)
@@ -136,6 +135,14 @@ class RoutedExperts(nn.Module):
         """
         gate, up = self.gemm(xs, self.gate_up_proj, counts).chunk(2, dim=-1)  # (rows, I) each
         return self.gemm(F.silu(gate) * up, self.down_proj, counts)
+
+
+def sort_by_key(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """key (n,) ints -> (order, inverse): order sorts key stably (equal keys keep their order),
+    inverse = order's inverse permutation, by a scatter (a second argsort costs 5-20x more)."""
+    order = key.argsort(stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return order, inverse
 
 
 class _GatherRows(torch.autograd.Function):
@@ -158,7 +165,7 @@ class _GatherRows(torch.autograd.Function):
 
 
 def gather_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int = 1) -> torch.Tensor:
-    """x (N, d) -> (N·k, d) with row i = x[order[i] // k]; inverse = order.argsort().
+    """x (N, d) -> (N·k, d) with row i = x[order[i] // k]; inverse: order's inverse permutation.
 
     With k = 1 a plain row permutation (its backward is the inverse permutation)."""
     return _GatherRows.apply(x, order, inverse, k)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model import DeepSeekV3
-from model.moe import RoutedExperts, combine_rows, gather_rows
+from model.moe import RoutedExperts, combine_rows, gather_rows, sort_by_key
 
 from .groups import ExpertLayout
 
@@ -93,8 +93,7 @@ class ExpertParallelExperts(RoutedExperts, _deepspeed_moe_base()):
         lay, group = self.layout, self.layout.ep_group
         n, k = topk_idx.shape
         flat_expert = topk_idx.reshape(-1)  # (N·k,)
-        order = flat_expert.argsort(stable=True)
-        inverse = order.argsort()
+        order, inverse = sort_by_key(flat_expert)
         send_counts = torch.bincount(flat_expert, minlength=self.num_experts).view(lay.ep, self.num_local_experts)
         recv_counts = torch.empty_like(send_counts)  # (ep, local): rows = source rank
         dist.all_to_all_single(recv_counts, send_counts, group=group)
@@ -105,8 +104,7 @@ class ExpertParallelExperts(RoutedExperts, _deepspeed_moe_base()):
         received = AllToAll.apply(rows, recv_splits, send_splits, group)  # (R, hidden), (source, expert) order
         local_id = torch.arange(self.num_local_experts, device=x.device).repeat(lay.ep)
         local_id = local_id.repeat_interleave(recv_counts.flatten())  # (R,) local expert of each row
-        by_expert = local_id.argsort(stable=True)  # (source, expert) -> (expert, source)
-        to_source = by_expert.argsort()
+        by_expert, to_source = sort_by_key(local_id)  # (source, expert) -> (expert, source) and back
         y = self.expert_ffn(gather_rows(received, by_expert, to_source), recv_counts.sum(0))
         y = gather_rows(y, to_source, by_expert)  # back to (source, expert) order
         returned = AllToAll.apply(y, send_splits, recv_splits, group)  # (N·k, hidden), this rank's sorted order

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import update_correction_bias
-from model.moe import MoE, RoutedExperts, Router, sequence_balance_loss
+from model.moe import MoE, RoutedExperts, Router, sequence_balance_loss, sort_by_key
 
 from .helpers import make_config
 
@@ -157,3 +157,12 @@ def test_balance_loss_joins_the_training_loss_only_when_enabled():
     assert off.balance_loss is None
     assert on.balance_loss is not None and on.balance_loss.item() > 0
     torch.testing.assert_close(on.loss, on.lm_loss + 0.3 * on.mtp_loss + on.balance_loss)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 4096])
+def test_sort_by_key_is_a_stable_sort_and_its_inverse(n):
+    key = torch.randint(0, 16, (n,), generator=torch.Generator().manual_seed(n))
+    order, inverse = sort_by_key(key)
+    assert torch.equal(order, key.argsort(stable=True))
+    assert torch.equal(inverse, order.argsort())
+    assert torch.equal(order[inverse], torch.arange(n))
