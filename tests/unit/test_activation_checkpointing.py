@@ -15,6 +15,7 @@ from launch.local import launch_local
 from launch.slurm import check_launch
 from model import ConfigError
 from parallel import fp8 as pf8
+from parallel.engine import keep_router_bias_fp32
 from train.config import Config, DataConfig, FP8Config, TrainConfig, load_config
 from train.plan import activation_bytes
 
@@ -29,6 +30,9 @@ def _model(checkpointing: bool, **overrides):
     model = build(seed=0, **{**SHAPE, **overrides}).train()
     if model.cfg.precision == "fp8":
         pf8.apply_fp8(model, Config(model=model.cfg), "cpu")
+    elif model.cfg.precision == "bf16":  # what DeepSpeed's bf16 engine trains: bf16 weights, fp32 routing bias
+        model.to(torch.bfloat16)
+        keep_router_bias_fp32(model)
     model.activation_checkpointing = checkpointing
     return model
 
@@ -46,7 +50,7 @@ def _step(checkpointing: bool, **overrides):
     return out, {name: p.grad for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp8"], ids=["fp32", "fp8_emulated"])
+@pytest.mark.parametrize("precision", ["fp32", "fp8", "bf16"], ids=["fp32", "fp8_emulated", "bf16"])
 def test_checkpointing_changes_no_number(precision):
     plain, plain_grads = _step(False, precision=precision)
     ckpt, ckpt_grads = _step(True, precision=precision)
