@@ -37,14 +37,6 @@ _SCOPE = "bench::"
 _BLOCK = "block"  # a decoder block or MTP module: no part of its own, it marks a recompute in backward
 
 
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -165,7 +157,7 @@ def bench(cfg, steps: int = 10, warmup: int = 2, profile: bool = True, log=None)
     from model import DeepSeekV3
     from parallel import engine as pe
 
-    from .metrics import flops_per_token, peak_flops
+    from .metrics import flops_per_token, mfu, peak_flops, peak_memory
 
     log = log or (lambda m: None)
     info = pe.init_distributed(cfg.train.device, cfg.parallel.timeout_s)
@@ -207,7 +199,7 @@ def bench(cfg, steps: int = 10, warmup: int = 2, profile: bool = True, log=None)
         one_step()
         _sync(info.device)
         times.append(time.perf_counter() - t0)
-    peak_mem = _peak_memory(info.device)
+    peak_mem = peak_memory(info.device)
 
     step_time = sum(times) / len(times)
     tokens_per_step = t.global_batch_size * seq  # all ranks
@@ -232,7 +224,7 @@ def bench(cfg, steps: int = 10, warmup: int = 2, profile: bool = True, log=None)
         "flops_per_token": fpt,
         "peak_flops": peak,
         "peak_source": peak_src,
-        "mfu": fpt * tokens_per_s / (peak * world),
+        "mfu": mfu(tokens_per_s, fpt, peak, world),
         "peak_mem_bytes": peak_mem,
         "loss": float(loss),
     }

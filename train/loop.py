@@ -27,7 +27,7 @@ from . import checkpoint as ckpt_io
 from . import schedule
 from .config import Config, save_config
 from .data import BatchStream, TokenSamples, check_tokenizer_matches, eval_batches
-from .metrics import MetricsLogger, flops_per_token, peak_flops, startup_summary
+from .metrics import MetricsLogger, flops_per_token, mfu, peak_flops, peak_memory, startup_summary
 
 
 @dataclass
@@ -278,12 +278,12 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         if do_eval:
             val_loss = row_val = evaluate(engine, val, info)
         if do_log:
-            peak_mem = _peak_memory(info.device)
+            peak_mem = peak_memory(info.device)
             logger.log(
                 step, loss=means[0].item(), lm_loss=means[1].item(),
                 mtp_loss=means[2].item() if cfg.model.num_nextn_predict_layers else None,
                 lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
-                mfu=fpt * tokens_per_s / (peak * world), peak_mem_bytes=peak_mem,
+                mfu=mfu(tokens_per_s, fpt, peak, world), peak_mem_bytes=peak_mem,
                 skipped_steps=skipped, bad_shards=train_samples.bad_shards + val_samples.bad_shards,
                 val_loss=row_val, expert_counts=step_counts,
             )
@@ -319,15 +319,6 @@ def _last_checkpoint(run_dir: Path) -> str:
     """The newest complete checkpoint of a run, for messages."""
     found = ckpt_io.complete_checkpoints(run_dir / "checkpoints")
     return str(found[-1]) if found else "(none)"
-
-
-def _peak_memory(device: torch.device) -> int:
-    """Peak bytes: CUDA allocator peak this step on GPU, the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _progress(cfg: Config, rank: int, step: int):

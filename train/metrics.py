@@ -186,6 +186,15 @@ def _measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
     return 2.0 * size**3 / best
 
 
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: the CUDA allocator's peak since its last reset on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float | None) -> tuple[float, str]:
     """Per-device dense peak FLOP/s for MFU, and where the number came from.
 
