@@ -157,7 +157,7 @@ def bench(cfg, steps: int = 10, warmup: int = 2, profile: bool = True, log=None)
     from model import DeepSeekV3
     from parallel import engine as pe
 
-    from .metrics import flops_per_token, mfu, peak_flops, peak_memory
+    from .metrics import flops_per_token, mfu, peak_memory, run_peak_flops
 
     log = log or (lambda m: None)
     info = pe.init_distributed(cfg.train.device, cfg.parallel.timeout_s)
@@ -205,8 +205,7 @@ def bench(cfg, steps: int = 10, warmup: int = 2, profile: bool = True, log=None)
     tokens_per_step = t.global_batch_size * seq  # all ranks
     tokens_per_s = tokens_per_step / step_time
     fpt = flops_per_token(cfg.model, seq)
-    compute_dtype = torch.float32 if cfg.model.precision == "fp32" else torch.bfloat16
-    peak, peak_src = peak_flops(info.device, compute_dtype, cfg.logging.peak_tflops)
+    peak, peak_src = run_peak_flops(cfg, info.device)
     result = {
         "config": None,
         "device": str(info.device),

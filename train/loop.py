@@ -27,7 +27,7 @@ from . import checkpoint as ckpt_io
 from . import schedule
 from .config import Config, save_config
 from .data import BatchStream, TokenSamples, check_tokenizer_matches, eval_batches
-from .metrics import MetricsLogger, flops_per_token, mfu, peak_flops, peak_memory, startup_summary
+from .metrics import MetricsLogger, flops_per_token, mfu, peak_memory, run_peak_flops, startup_summary
 
 
 @dataclass
@@ -196,8 +196,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     counts = model.parameter_counts()
     _log0(rank, startup_summary(cfg, world, counts))
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    compute_dtype = torch.float32 if cfg.model.precision == "fp32" else torch.bfloat16  # fp8: vs the bf16 peak
-    peak, peak_src = peak_flops(info.device, compute_dtype, cfg.logging.peak_tflops)
+    peak, peak_src = run_peak_flops(cfg, info.device)
     _log0(rank, f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_src}); {fpt / 1e6:.4g} MFLOP/token")
 
     first_val = None

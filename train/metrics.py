@@ -223,6 +223,14 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float 
     return _measure_matmul_flops(device, dtype), f"measured {device.type} matmul"
 
 
+
+def run_peak_flops(cfg: Config, device: torch.device) -> tuple[float, str]:
+    """peak_flops for a run: at the dtype its GEMMs run in (fp8 runs read against the bf16 peak,
+    the usual convention), or logging.peak_tflops when set."""
+    compute_dtype = torch.float32 if cfg.model.precision == "fp32" else torch.bfloat16
+    return peak_flops(device, compute_dtype, cfg.logging.peak_tflops)
+
+
 # ----------------------------------------------------------------------------------------------
 # Expert load
 
