@@ -34,14 +34,14 @@ def on_cpu(device: str) -> bool:
 
 def launch_local(config: str, nproc: int, overrides: list[str], log=print) -> int:
     """Run the training under torchrun and return its exit status (checks the config first)."""
-    from launch.slurm import check_precision
+    from parallel.fp8 import check_fp8_config
     from train.config import load_config
 
     if nproc <= 0:
         raise ConfigError("--nproc", nproc, "must be a positive integer")
     cfg = load_config(config, overrides)  # a bad key fails here, once, not in N ranks
     cfg.batch_layout(nproc)
-    check_precision(cfg)
+    check_fp8_config(cfg)
     env = dict(os.environ)
     if on_cpu(cfg.train.device) and "OMP_NUM_THREADS" not in env:
         # N processes each using every core would thrash; torchrun would set 1 too, with a warning

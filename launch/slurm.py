@@ -42,6 +42,7 @@ from pathlib import Path
 import submitit
 
 from model import ConfigError
+from parallel.fp8 import check_fp8_config
 from train.config import Config
 
 PORT_BASE, PORT_SPAN = 10000, 20000
@@ -93,15 +94,7 @@ def check_launch(cfg: Config) -> None:
         if not flag.startswith("--"):
             raise ConfigError("launch.extra_sbatch", flag, "long sbatch flags, e.g. --reservation=NAME")
     cfg.batch_layout(world_size(cfg))
-    check_precision(cfg)
-
-
-def check_precision(cfg: Config) -> None:
-    """FP8 settings the job would refuse at startup, refused before it waits in a queue."""
-    if cfg.model.precision == "fp8":
-        from parallel.fp8 import check_fp8_config
-
-        check_fp8_config(cfg)
+    check_fp8_config(cfg)  # what the job would refuse at startup, refused before it waits in a queue
 
 
 # ---------------------------------------------------------------------------------- in the job

@@ -322,7 +322,10 @@ def _split_expert_weights(module, state_dict, prefix, local_metadata, strict, mi
 
 
 def check_fp8_config(cfg) -> None:
-    """Config checks that need no hardware (also run by apply_fp8)."""
+    """Config checks that need no hardware (run by apply_fp8 and, before anything starts, by both
+    launchers); nothing to check unless model.precision is fp8."""
+    if cfg.model.precision != "fp8":
+        return
     if cfg.model.moe_impl != "grouped":
         raise ConfigError("model.moe_impl", cfg.model.moe_impl,
                           "precision=fp8 runs the routed experts through the grouped GEMM; use grouped")
