@@ -158,9 +158,19 @@ def keep_router_bias_fp32(model: DeepSeekV3) -> None:
             moe.gate.e_score_correction_bias = b.float()
 
 
-def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op)
+def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """In-place all-reduce over `group` (default: the world); a no-op without peers.
+
+    The loop's scalars, expert counts and norm sums are CPU tensors, and an NCCL process group
+    (GPU runs) reduces CUDA tensors only: those go through a CUDA copy there. Gloo (CPU runs)
+    takes them as they are."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+        return t
+    if t.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        buf = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(buf, op=op, group=group)
+        return t.copy_(buf)
+    dist.all_reduce(t, op=op, group=group)
     return t
 
 
@@ -170,8 +180,7 @@ def check_same_on_all_ranks(t: torch.Tensor, what: str) -> None:
         return
     ref = t.detach().clone()
     dist.broadcast(ref, src=0)
-    bad = torch.tensor([0 if torch.equal(ref, t.detach()) else 1])
-    dist.all_reduce(bad)
+    bad = all_reduce_(torch.tensor([0 if torch.equal(ref, t.detach()) else 1]))
     if bad.item():
         raise RuntimeError(f"{what} differs between ranks ({bad.item()} rank(s) disagree with rank 0)")
 
@@ -187,12 +196,9 @@ def global_grad_norm(dense_sq: torch.Tensor, expert_sq: torch.Tensor, layout: Ex
     EDP group), so both are summed over the world.
     """
     if partitioned:
-        total = dense_sq + expert_sq
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total)
-        return total.sqrt()
+        return all_reduce_(dense_sq + expert_sq).sqrt()
     if layout.ep > 1:
-        dist.all_reduce(expert_sq, group=layout.ep_group)
+        all_reduce_(expert_sq, group=layout.ep_group)
     return (dense_sq + expert_sq).sqrt()
 
 
