@@ -4,15 +4,21 @@ The reference is `F.cross_entropy(h @ W.T, targets)`. It writes the full logits,
 log-softmax, then a zero-filled gradient of the same size, then the log-softmax gradient: four
 (N, vocab) tensors that dominate a small model's step (on a 2-core CPU the smoke model's
 2048 x 8192 logits cost ~25% of the step, most of it in memory traffic and page faults, not
-arithmetic). Here the rows go through in chunks (model.loss_chunk_size, 256 by default) in two
-buffers reused for every chunk, and the gradients for h and W are formed during the forward
-pass, while each chunk's softmax is at hand:
+arithmetic). Here the rows go through in chunks (model.loss_chunk_size, 256 by default) in
+buffers reused for every chunk (one in fp32 on CPU, where the log-softmax overwrites the logits;
+two otherwise), and the gradients for h and W are formed during the forward pass, while each
+chunk's softmax is at hand:
 
     logits_c = h_c W^T                      (c, V), in the compute dtype
     logp_c   = log_softmax(float(logits_c)) fp32
     loss    += -Σ logp_c[i, t_i]            over rows whose target is not ignored
-    G_c      = (softmax_c - onehot(t)) / n  the gradient of the mean loss for those rows, 0 else
-    dh_c     = G_c W,   dW += G_c^T h_c
+    G_c      = softmax_c - onehot(t)        n·(the mean loss's gradient) on those rows
+    s_c      = 1/n on those rows, 0 on ignored ones
+    dh_c     = s_c ∘ (G_c W),   dW += G_c^T (s_c ∘ h_c)
+
+In fp32 the row scale multiplies the (c, d) operand and result, not the (c, V) G_c: a pass fewer
+over the largest tensor. With low-precision GEMMs s_c ∘ G_c is formed in fp32 before the cast,
+as the reference rounds it.
 
 Backward then only scales dh and dW by the incoming gradient. Under no_grad (evaluation) the
 gradient work is skipped. The arithmetic is the reference's; results agree to fp32 rounding
@@ -41,10 +47,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dh = torch.empty_like(h)
             dw = torch.empty_like(weight, dtype=torch.float32)  # the first chunk writes, the rest add
         # Chunk buffers reused with out=: a fresh (c, V) tensor per op would page-fault on CPU
-        # (glibc hands large blocks back to the OS on free) and fragment the CUDA cache.
+        # (glibc hands large blocks back to the OS on free) and fragment the CUDA cache. In fp32
+        # on CPU the log-softmax overwrites the logits (one (c, V) buffer, not two: the chunk's
+        # working set stays in cache); elsewhere it goes to a second, fp32 buffer.
         rows_max, vocab = min(chunk, h.shape[0]), weight.shape[0]
         logits_buf = h.new_empty(rows_max, vocab)  # compute dtype
-        logp_buf = torch.empty(rows_max, vocab, dtype=torch.float32, device=h.device)
+        in_place = h.dtype == torch.float32 and h.device.type == "cpu"
+        logp_buf = logits_buf if in_place else torch.empty(rows_max, vocab, dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk):
             rows = slice(start, start + chunk)
             h_c, t_c = h[rows], safe_targets[rows, None]
@@ -54,18 +63,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if not want_grad:
                 continue
             s_c = row_scale[rows, None]
-            grad = logp.exp_().mul_(s_c)  # softmax / n, in place of logp
-            grad.scatter_add_(1, t_c, -s_c)  # minus the one-hot, / n
-            if grad.dtype != h.dtype:  # low-precision GEMMs as in the reference
-                grad = logits.copy_(grad)
-            torch.mm(grad, weight, out=dh[rows])
+            grad = logp.exp_()  # softmax, in place of logp
+            grad.scatter_add_(1, t_c, torch.full_like(s_c, -1.0))  # minus the one-hot
+            if grad.dtype == h.dtype:
+                # the rows' 1/n (0 on ignored rows) multiplies the (c, d) operand and result
+                # rather than the (c, V) G: a pass fewer over the largest tensor
+                torch.mm(grad, weight, out=dh[rows]).mul_(s_c)
+                h_scaled = h_c * s_c
+            else:  # low-precision GEMMs as in the reference: G/n in fp32, then cast
+                grad = logits.copy_(grad.mul_(s_c))
+                torch.mm(grad, weight, out=dh[rows])
+                h_scaled = h_c
             if dw.dtype == grad.dtype:  # (out= forms: FlopCounterMode does not count addmm_)
                 if start == 0:
-                    torch.mm(grad.t(), h_c, out=dw)
+                    torch.mm(grad.t(), h_scaled, out=dw)
                 else:
-                    torch.addmm(dw, grad.t(), h_c, out=dw)
+                    torch.addmm(dw, grad.t(), h_scaled, out=dw)
             else:  # the reference's low-precision GEMM per chunk; partial dWs summed in fp32
-                part = grad.t() @ h_c
+                part = grad.t() @ h_scaled
                 if start == 0:
                     dw.copy_(part)
                 else:
