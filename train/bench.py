@@ -232,6 +232,9 @@ def bench(cfg, steps: int = 10, warmup: int = 2, profile: bool = True, log=None)
         acts = [torch.profiler.ProfilerActivity.CPU]
         if info.device.type == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
+        # kineto (read once, when the first profiler starts) otherwise prints its own start/stop
+        # lines into the report; KINETO_LOG_LEVEL set by the user wins
+        os.environ.setdefault("KINETO_LOG_LEVEL", "99")
         try:
             with torch.profiler.profile(activities=acts) as prof:
                 t0 = time.perf_counter()

@@ -37,6 +37,7 @@ def test_bench_json_keys_and_mfu():
                                           "optimizer", "communication", "other"}
     assert result["breakdown_s"]["attention"] > 0 and result["breakdown_s"]["expert_gemm"] > 0
     assert result["breakdown_s"]["head_loss"] > 0
+    assert "profiler_st" not in proc.stderr  # kineto's own start/stop lines stay out of the report
 
 
 def test_breakdown_scopes_close_under_activation_checkpointing():
