@@ -54,6 +54,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         logits_buf = h.new_empty(rows_max, vocab)  # compute dtype
         in_place = h.dtype == torch.float32 and h.device.type == "cpu"
         logp_buf = logits_buf if in_place else torch.empty(rows_max, vocab, dtype=torch.float32, device=h.device)
+        minus_one = torch.full((rows_max, 1), -1.0, dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk):
             rows = slice(start, start + chunk)
             h_c, t_c = h[rows], safe_targets[rows, None]
@@ -64,23 +65,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             s_c = row_scale[rows, None]
             grad = logp.exp_()  # softmax, in place of logp
-            grad.scatter_add_(1, t_c, torch.full_like(s_c, -1.0))  # minus the one-hot
-            if grad.dtype == h.dtype:
+            grad.scatter_add_(1, t_c, minus_one[: h_c.shape[0]])  # minus the one-hot
+            if grad.dtype == h.dtype:  # fp32: G, dh and dW all fp32
                 # the rows' 1/n (0 on ignored rows) multiplies the (c, d) operand and result
                 # rather than the (c, V) G: a pass fewer over the largest tensor
                 torch.mm(grad, weight, out=dh[rows]).mul_(s_c)
-                h_scaled = h_c * s_c
-            else:  # low-precision GEMMs as in the reference: G/n in fp32, then cast
+                # (out= forms: FlopCounterMode does not count addmm_)
+                if start == 0:
+                    torch.mm(grad.t(), h_c * s_c, out=dw)
+                else:
+                    torch.addmm(dw, grad.t(), h_c * s_c, out=dw)
+            else:  # low-precision GEMMs as in the reference: G/n in fp32, then cast; per-chunk
+                # partial dWs summed in fp32
                 grad = logits.copy_(grad.mul_(s_c))
                 torch.mm(grad, weight, out=dh[rows])
-                h_scaled = h_c
-            if dw.dtype == grad.dtype:  # (out= forms: FlopCounterMode does not count addmm_)
-                if start == 0:
-                    torch.mm(grad.t(), h_scaled, out=dw)
-                else:
-                    torch.addmm(dw, grad.t(), h_scaled, out=dw)
-            else:  # the reference's low-precision GEMM per chunk; partial dWs summed in fp32
-                part = grad.t() @ h_scaled
+                part = grad.t() @ h_c
                 if start == 0:
                     dw.copy_(part)
                 else:
