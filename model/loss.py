@@ -43,18 +43,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         safe_targets = targets.clamp_min(0)
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        rows_max, vocab = min(chunk, h.shape[0]), weight.shape[0]
         if want_grad:
             dh = torch.empty_like(h)
             dw = torch.empty_like(weight, dtype=torch.float32)  # the first chunk writes, the rest add
+            minus_one = torch.full((rows_max, 1), -1.0, dtype=torch.float32, device=h.device)
         # Chunk buffers reused with out=: a fresh (c, V) tensor per op would page-fault on CPU
         # (glibc hands large blocks back to the OS on free) and fragment the CUDA cache. In fp32
         # on CPU the log-softmax overwrites the logits (one (c, V) buffer, not two: the chunk's
         # working set stays in cache); elsewhere it goes to a second, fp32 buffer.
-        rows_max, vocab = min(chunk, h.shape[0]), weight.shape[0]
         logits_buf = h.new_empty(rows_max, vocab)  # compute dtype
         in_place = h.dtype == torch.float32 and h.device.type == "cpu"
         logp_buf = logits_buf if in_place else torch.empty(rows_max, vocab, dtype=torch.float32, device=h.device)
-        minus_one = torch.full((rows_max, 1), -1.0, dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk):
             rows = slice(start, start + chunk)
             h_c, t_c = h[rows], safe_targets[rows, None]
