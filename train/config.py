@@ -71,6 +71,13 @@ class ScheduleConfig:
     mtp_weight_switch: int | None = None
     batch_ramp_start: int | None = None  # sequences at step 1; null = no ramp
     batch_ramp_steps: int = 0  # steps over which the batch grows to train.global_batch_size
+    # the ramp's sizes are multiples of this (null: batch_ramp_start), whatever the world size, so
+    # step s holds the same samples on any layout; must divide by micro_batch_size × world size
+    batch_ramp_increment: int | None = None
+
+    @property
+    def ramp_increment(self) -> int:
+        return self.batch_ramp_start if self.batch_ramp_increment is None else self.batch_ramp_increment
 
 
 @dataclass
@@ -210,6 +217,14 @@ class Config:
         for key in ("warmup_steps", "decay_steps", "stable_steps", "const_until", "cosine_until", "batch_ramp_steps"):
             if getattr(self.schedule, key) < 0:
                 raise ConfigError(f"schedule.{key}", getattr(self.schedule, key), "must be >= 0")
+        if self.schedule.batch_ramp_start is not None:
+            start, inc = self.schedule.batch_ramp_start, self.schedule.ramp_increment
+            if not 0 < start <= self.train.global_batch_size:
+                raise ConfigError("schedule.batch_ramp_start", start,
+                                  f"must be in [1, train.global_batch_size = {self.train.global_batch_size}]")
+            if inc <= 0 or start % inc:
+                raise ConfigError("schedule.batch_ramp_increment", inc,
+                                  f"must be positive and divide schedule.batch_ramp_start = {start}")
         if self.data.samples_per_shard <= 0:
             raise ConfigError("data.samples_per_shard", self.data.samples_per_shard, "must be a positive integer")
         if self.data.val_documents < 0:
@@ -226,13 +241,13 @@ class Config:
         """Check that the global batch splits into micro-batches on `world_size` ranks."""
         t = self.train
         per_step = t.micro_batch_size * world_size
-        sizes = [t.global_batch_size]
-        if self.schedule.batch_ramp_start is not None:
-            sizes.append(self.schedule.batch_ramp_start)
-        for size in sizes:
+        sizes = {"train.global_batch_size": t.global_batch_size}
+        if self.schedule.batch_ramp_start is not None:  # every ramp size is a multiple of the increment
+            sizes["schedule.batch_ramp_increment"] = self.schedule.ramp_increment
+        for key, size in sizes.items():
             if size % per_step:
                 raise ConfigError(
-                    "train.global_batch_size", size,
+                    key, size,
                     f"must be a multiple of micro_batch_size × world size = {t.micro_batch_size} × {world_size}",
                 )
 

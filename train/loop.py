@@ -206,7 +206,6 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         logger.log(0, val_loss=val_loss)
         _log0(rank, f"step 0: val_loss {val_loss:.4f}")
 
-    granularity = cfg.train.micro_batch_size * world
     current_batch = cfg.train.global_batch_size
     bar = _progress(cfg, rank, step)
     skipped = consecutive_bad = 0
@@ -218,7 +217,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         lr = schedule.learning_rate(cfg, step)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        batch = schedule.global_batch_size(cfg, step, granularity)
+        batch = schedule.global_batch_size(cfg, step)
         if batch != current_batch:
             engine.set_train_batch_size(batch)
             current_batch = batch
@@ -230,6 +229,10 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         if info.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(info.device)
         for i, (tokens, targets) in enumerate(micro):
+            # The optimizer steps after this step's last micro-batch, said outright: DeepSpeed's own
+            # rule (a run-long micro-batch count modulo the current accumulation count) drifts off
+            # the step's boundaries once a batch-size ramp changes that count.
+            engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
             with fp8.autocast(engine.module, first_microbatch=i == 0):  # TE reuses FP8 weight casts after i = 0
                 out = engine(tokens.to(info.device), targets.to(info.device), mtp_weight=lam)
             loss = out.loss * float("nan") if step == nan_step else out.loss
@@ -281,7 +284,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
             logger.log(
                 step, loss=means[0].item(), lm_loss=means[1].item(),
                 mtp_loss=means[2].item() if cfg.model.num_nextn_predict_layers else None,
-                lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+                lr=lr, batch_size=batch, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
                 mfu=mfu(tokens_per_s, fpt, peak, world), peak_mem_bytes=peak_mem,
                 skipped_steps=skipped, bad_shards=train_samples.bad_shards + val_samples.bad_shards,
                 val_loss=row_val, expert_counts=step_counts,

@@ -47,7 +47,7 @@ from train.config import Config
 # Documented metrics.jsonl keys in file order; `expert_load_maxvio/layer_N` keys (one per MoE
 # layer of the config) go between expert_load_maxvio and val_loss.
 BASE_KEYS = (
-    "step", "loss", "lm_loss", "mtp_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
+    "step", "loss", "lm_loss", "mtp_loss", "lr", "batch_size", "grad_norm", "tokens_per_s", "mfu",
     "peak_mem_bytes", "skipped_steps", "bad_shards", "expert_load_maxvio",
 )
 EVAL_KEYS = ("val_loss",)

@@ -53,12 +53,14 @@ def mtp_weight(cfg: Config, step: int) -> float:
     return s.mtp_weight_late if s.mtp_weight_switch is not None and step >= s.mtp_weight_switch else s.mtp_weight
 
 
-def global_batch_size(cfg: Config, step: int, granularity: int) -> int:
+def global_batch_size(cfg: Config, step: int) -> int:
     """Sequences in the global batch of `step`: a linear ramp from batch_ramp_start to
     train.global_batch_size over batch_ramp_steps (report: 3072 → 15360), rounded down to a
-    multiple of `granularity` (micro_batch_size × data-parallel ranks)."""
+    multiple of schedule.batch_ramp_increment. A function of the config and the step only: the
+    same at any world size (Config.batch_layout checks the increment splits over the ranks)."""
     s, target = cfg.schedule, cfg.train.global_batch_size
     if s.batch_ramp_start is None or s.batch_ramp_steps <= 0 or step > s.batch_ramp_steps:
         return target
     size = s.batch_ramp_start + (target - s.batch_ramp_start) * (step - 1) / s.batch_ramp_steps
-    return max(granularity, int(size) // granularity * granularity)
+    inc = s.ramp_increment  # divides batch_ramp_start (Config.validate): never below the start
+    return int(size) // inc * inc

@@ -10,7 +10,7 @@ import torch
 
 from tests.support import TINY, rows, run_cli
 
-KEYS = ["step", "loss", "lm_loss", "mtp_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes",
+KEYS = ["step", "loss", "lm_loss", "mtp_loss", "lr", "batch_size", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes",
         "skipped_steps", "bad_shards", "expert_load_maxvio", "val_loss"]
 
 
@@ -43,6 +43,23 @@ def test_resume_is_bit_exact(tiny_data, straight_run, tmp_path):
     assert all(va[s] == vb[s] for s in va)
 
 
+def test_batch_ramp_steps_at_step_boundaries_and_resumes_exactly(tiny_data, tmp_path):
+    """A batch-size ramp (4, 4, 8, then 12 sequences: 1, 1, 2, 3 micro-batches) changes the
+    gradient-accumulation count mid-run. The optimizer must step after each step's last
+    micro-batch; counting micro-batches over the whole run (DeepSpeed's default) puts step 4's
+    boundary after its second micro-batch there, but not in a run resumed at step 3, so the
+    resumed run must equal the straight one and report the ramp's batch sizes."""
+    ramp = [*tiny_data, "train.global_batch_size=12", "schedule.batch_ramp_start=4", "schedule.batch_ramp_steps=3",
+            "schedule.batch_ramp_increment=4", "checkpoint.interval=3"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_cli("train", "configs/smoke.yaml", *ramp, f"train.run_dir={straight}", "train.steps=6")
+    run_cli("train", "configs/smoke.yaml", *ramp, f"train.run_dir={stopped}", "train.steps=3")
+    run_cli("train", "configs/smoke.yaml", *ramp, f"train.run_dir={stopped}", "train.steps=6")
+    assert losses(straight) == losses(stopped)
+    assert set(losses(straight)) == set(range(7))
+    assert [r["batch_size"] for r in rows(stopped) if r["step"] > 0] == [4, 4, 8, 12, 12, 12]
+
+
 def test_activation_checkpointing_trains_the_same_run(tiny_data, straight_run, tmp_path):
     """Blocks recomputed in backward through the real engine: every step's losses and grad norm,
     the expert load (from the counts the bias update reads) and the val losses equal the
@@ -70,6 +87,7 @@ def test_metrics_rows_have_every_documented_key(straight_run):
             assert isinstance(r[key], float) and r[key] == r[key], (key, r)
         assert 0 < r["mfu"] < 1
         assert r["peak_mem_bytes"] > 0
+        assert r["batch_size"] == 8  # TINY's global batch (no ramp)
         assert abs(r["loss"] - (r["lm_loss"] + 0.3 * r["mtp_loss"])) < 1e-4
     assert [r["step"] for r in table if r["val_loss"] is not None] == [0, 3, 6, 8]
     assert (straight_run / "config.yaml").is_file()

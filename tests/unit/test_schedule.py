@@ -15,13 +15,13 @@ def cfg_with(*overrides):
 
 
 def test_schedules_do_not_depend_on_train_steps():
-    a = cfg_with("train.steps=10", "schedule.batch_ramp_start=4", "schedule.batch_ramp_steps=50",
-                 "train.micro_batch_size=2", "schedule.mtp_weight_switch=30", "schedule.bias_update_stop=40")
-    b = cfg_with("train.steps=1000", "schedule.batch_ramp_start=4", "schedule.batch_ramp_steps=50",
-                 "train.micro_batch_size=2", "schedule.mtp_weight_switch=30", "schedule.bias_update_stop=40")
+    ramp = ["schedule.batch_ramp_start=4", "schedule.batch_ramp_steps=50", "schedule.batch_ramp_increment=2",
+            "train.micro_batch_size=2", "schedule.mtp_weight_switch=30", "schedule.bias_update_stop=40"]
+    a = cfg_with("train.steps=10", *ramp)
+    b = cfg_with("train.steps=1000", *ramp)
     for step in range(1, 400, 7):
         assert schedule.learning_rate(a, step) == schedule.learning_rate(b, step)
-        assert schedule.global_batch_size(a, step, 2) == schedule.global_batch_size(b, step, 2)
+        assert schedule.global_batch_size(a, step) == schedule.global_batch_size(b, step)
         assert schedule.mtp_weight(a, step) == schedule.mtp_weight(b, step)
         assert schedule.bias_update_rate(a, step) == schedule.bias_update_rate(b, step)
 
@@ -53,9 +53,14 @@ def test_wsd_and_deepseek_phases():
 
 def test_batch_ramp_gamma_and_lambda():
     cfg = cfg_with("train.global_batch_size=64", "train.micro_batch_size=4", "schedule.batch_ramp_start=16",
-                   "schedule.batch_ramp_steps=10", "schedule.bias_update_stop=5", "schedule.mtp_weight_switch=3")
-    sizes = [schedule.global_batch_size(cfg, s, 8) for s in range(1, 13)]
-    assert sizes[0] == 16 and sizes[-1] == 64 and sizes == sorted(sizes)
-    assert all(s % 8 == 0 for s in sizes)
+                   "schedule.batch_ramp_steps=10", "schedule.batch_ramp_increment=8", "schedule.bias_update_stop=5",
+                   "schedule.mtp_weight_switch=3")
+    sizes = [schedule.global_batch_size(cfg, s) for s in range(1, 13)]
+    # 16 + 48·(s−1)/10 rounded down to a multiple of 8, then the target from step 11 on
+    assert sizes == [16, 16, 24, 24, 32, 40, 40, 48, 48, 56, 64, 64]
+    # without an increment the ramp moves in multiples of its start
+    coarse = cfg_with("train.global_batch_size=64", "train.micro_batch_size=4", "schedule.batch_ramp_start=16",
+                      "schedule.batch_ramp_steps=10")
+    assert [schedule.global_batch_size(coarse, s) for s in range(1, 13)] == [16] * 4 + [32] * 3 + [48] * 3 + [64] * 2
     assert schedule.bias_update_rate(cfg, 4) == 1e-3 and schedule.bias_update_rate(cfg, 5) == 0.0
     assert schedule.mtp_weight(cfg, 2) == 0.3 and schedule.mtp_weight(cfg, 3) == 0.1

@@ -28,6 +28,8 @@ def test_smoke_loads_and_overrides_apply():
         ("data.seq_len=100000", "data.seq_len"),
         ("logging.wandb=maybe", "logging.wandb"),
         ("schedule.lr=linear", "schedule.lr"),
+        ("schedule.batch_ramp_start=32", "schedule.batch_ramp_start"),  # above the global batch (16)
+        ("schedule.batch_ramp_start=0", "schedule.batch_ramp_start"),
     ],
 )
 def test_bad_values_name_key_and_file(override, key):
@@ -54,6 +56,14 @@ def test_batch_layout_must_divide():
     cfg.batch_layout(3)
     with pytest.raises(ConfigError, match="train.global_batch_size"):
         cfg.batch_layout(2)
+    # a ramp's sizes are multiples of its increment, which must split over the ranks too
+    ramp = ["train.micro_batch_size=2", "train.global_batch_size=24", "schedule.batch_ramp_start=12",
+            "schedule.batch_ramp_steps=10"]
+    load_config(SMOKE, [*ramp, "schedule.batch_ramp_increment=6"]).batch_layout(3)
+    with pytest.raises(ConfigError, match="schedule.batch_ramp_increment"):
+        load_config(SMOKE, [*ramp, "schedule.batch_ramp_increment=6"]).batch_layout(2)
+    with pytest.raises(ConfigError, match="schedule.batch_ramp_increment"):  # must divide the start
+        load_config(SMOKE, [*ramp, "schedule.batch_ramp_increment=8"])
 
 
 def test_resolved_config_round_trips(tmp_path):
