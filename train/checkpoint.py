@@ -26,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,39 @@ def complete_checkpoints(root: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / META).is_file()]
     return sorted(found, key=lambda p: p.name)
+
+
+def set_aside_later(run_dir: Path, step: int) -> tuple[Path, list[str]] | None:
+    """Move the run's complete checkpoints past `step`, the step training starts from, out of
+    checkpoints/ into run_dir/checkpoints-superseded-<UTC time>/; returns (that folder, their names).
+
+    They belong to a run this one does not continue: an earlier run in the same directory (a
+    start over with train.resume=never), or steps after a checkpoint resumed explicitly or past a
+    damaged newest one. Left in place, auto-resume would later pick them over this run's own
+    checkpoints, and retention (newest step numbers kept) would delete this run's saves instead.
+    Moved, never deleted."""
+    root = run_dir / "checkpoints"
+    later = [c for c in complete_checkpoints(root) if int(c.name.split("_")[1]) > step]
+    if not later:
+        return None
+    dest = run_dir / f"checkpoints-superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for c in later:
+        c.rename(dest / c.name)
+    _point_latest(root)
+    return dest, [c.name for c in later]
+
+
+def _point_latest(root: Path) -> None:
+    """root/latest names the newest complete checkpoint (a pointer for people and tools; resume
+    scans the directories); removed when there is none."""
+    found = complete_checkpoints(root)
+    if not found:
+        (root / "latest").unlink(missing_ok=True)
+        return
+    tmp = root / "latest.tmp"
+    tmp.write_text(found[-1].name + "\n")
+    tmp.rename(root / "latest")
 
 
 def read_meta(ckpt: Path) -> dict:
@@ -276,11 +310,9 @@ def save(engine, layout, run_dir: Path, step: int, client_state: dict, model_cfg
         _fsync(root)
         _write_meta(ckpt, {"step": step, "model": model_cfg.to_dict(), "weights_only": False, "ep": layout.ep,
                            "world_size": layout.world_size})
-        latest = root / "latest.tmp"
-        latest.write_text(ckpt.name + "\n")
-        latest.rename(root / "latest")  # a pointer for people and tools; resume scans the directories
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        _point_latest(root)
         for stale in root.glob("step_*.partial"):  # left by a crash during an earlier save
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()

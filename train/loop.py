@@ -178,6 +178,10 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         check_tokenizer_matches(run_dir, train_samples.manifest, cfg.data.dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        moved = ckpt_io.set_aside_later(run_dir, step)
+        if moved:
+            _log0(rank, f"moved {len(moved[1])} checkpoint(s) past step {step} that this run does not continue "
+                        f"({', '.join(moved[1])}) to {moved[0]}; delete that folder when it is not needed")
         save_config(cfg, run_dir / "config.yaml")
         tok = Path(cfg.data.dir) / "tokenizer.json"
         if tok.is_file():

@@ -129,6 +129,9 @@ def test_damaged_newest_checkpoint_is_skipped_on_resume(tiny_data, straight, tmp
                    "checkpoint.interval=1", "train.eval_interval=5")
     assert f"checkpoint {newest} fails verification" in proc.stderr
     assert f"resumed from {ckpts[-2]}" in proc.stderr
+    # the damaged one is set aside (kept for inspection), not left to outrank this run's saves
+    (aside,) = run.glob("checkpoints-superseded-*")
+    assert [p.name for p in aside.iterdir()] == [newest.name]
 
 
 def test_file_size_limit_during_save_leaves_the_previous_checkpoint(tiny_data, tmp_path):

@@ -102,6 +102,24 @@ def test_second_run_says_it_is_complete(tiny_data, straight_run):
     assert (straight_run / "metrics.jsonl").read_text() == before
 
 
+def test_start_over_sets_the_earlier_runs_checkpoints_aside(tiny_data, straight_run, tmp_path):
+    """train.resume=never in a directory holding an earlier run's checkpoints (steps 6 and 8):
+    they move to checkpoints-superseded-*, intact, so retention keeps this run's step-3 save
+    (by step number it is the oldest) and a later auto-resume continues this run, not the old one."""
+    import shutil
+
+    run = tmp_path / "again"
+    shutil.copytree(straight_run, run)
+    proc = run_cli("train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}", "train.steps=3",
+                   "train.resume=never")
+    assert "moved 2 checkpoint(s) past step 0" in proc.stderr
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000003"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    (aside,) = run.glob("checkpoints-superseded-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000006", "step_00000008"]
+    assert all((aside / n / "dsv3_meta.json").is_file() for n in ("step_00000006", "step_00000008"))
+
+
 def test_bad_override_exits_2_naming_key_and_file(tiny_data):
     proc = run_cli("train", "configs/smoke.yaml", "model.hiden_size=3", check=False)
     assert proc.returncode == 2
