@@ -202,6 +202,15 @@ def global_grad_norm(dense_sq: torch.Tensor, expert_sq: torch.Tensor, layout: Ex
     return (dense_sq + expert_sq).sqrt()
 
 
+def step_skipped(engine) -> bool:
+    """Whether the optimizer step just taken was skipped for non-finite gradients.
+
+    Two places decide it: our global-norm check (install_global_grad_norm), and DeepSpeed's own
+    overflow check, which its bf16 optimizers (ZeRO-0's and ZeRO-1/2's) run before any norm and
+    which then skips the step without computing ours."""
+    return bool(engine.dsv3_nonfinite or getattr(engine.optimizer, "overflow", False))
+
+
 def install_global_grad_norm(engine, layout: ExpertLayout) -> None:
     """Make DeepSpeed clip (and report) with the true global gradient norm.
 

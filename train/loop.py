@@ -227,6 +227,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
             current_batch = batch
         lam = schedule.mtp_weight(cfg, step)
 
+        engine.dsv3_nonfinite = False  # set again by this step's norm, when DeepSpeed computes it
         expert_counts = None
         sums = torch.zeros(3, dtype=torch.float64)  # loss, lm_loss, mtp_loss over micro-batches
         micro = stream.next(batch)
@@ -254,7 +255,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         # A non-finite loss or gradient norm (agreed across ranks: both come from all-reduces)
         # skipped the optimizer step (parallel.engine); skip the bias update too, count it, and
         # stop after train.max_bad_steps in a row, leaving the last good checkpoint.
-        bad = engine.dsv3_nonfinite or not torch.isfinite(means).all().item()
+        bad = pe.step_skipped(engine) or not torch.isfinite(means).all().item()
         if bad:
             skipped += 1
             consecutive_bad += 1

@@ -65,3 +65,51 @@ def test_single_process_engine_matches_plain_adamw():
         assert abs(ours - ref) <= 1e-5 * ref, (ours, ref)
     # the same updates up to fp32 rounding (the two clip norms differ in the last bit or two)
     assert report["max_update"] > 1e-2 and report["max_param_diff"] <= 1e-4 * report["max_update"], report
+
+
+OVERFLOW_WORKER = r"""
+import json
+import torch
+import deepspeed
+from parallel import engine as pe
+from parallel.groups import build_expert_layout
+
+pe.init_distributed("cpu", 60)
+report = {}
+for stage in (0, 1, 2):
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+    cfg = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+           "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "bf16": {"enabled": True}}
+    engine, *_ = deepspeed.initialize(model=m, optimizer=opt, config=cfg)
+    pe.install_global_grad_norm(engine, build_expert_layout(1, 8))
+    blow = [False]
+    m.weight.register_hook(lambda g: g * float("inf") if blow[0] else g)  # finite loss, inf gradient
+    rows = []
+    for bad in (False, True, False):
+        blow[0] = bad
+        before = m.weight.detach().float().clone()
+        engine.dsv3_nonfinite = False
+        loss = engine(torch.ones(1, 4, dtype=torch.bfloat16)).float().sum()
+        engine.backward(loss)
+        engine.step()
+        rows.append({"loss_finite": bool(torch.isfinite(loss)), "skipped": pe.step_skipped(engine),
+                     "moved": (m.weight.detach().float() - before).abs().max().item()})
+    report[stage] = rows
+print(json.dumps(report))
+"""
+
+
+def test_bf16_optimizers_report_their_skipped_steps():
+    """DeepSpeed's bf16 optimizers check for overflow before any norm and skip the step without
+    computing ours; step_skipped must still say so (the loop counts it and skips the bias update)."""
+    proc = subprocess.run([sys.executable, "-c", OVERFLOW_WORKER], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(report) == {"0", "1", "2"}
+    for stage, (good, bad, after) in report.items():
+        assert bad["loss_finite"] and bad["skipped"] and bad["moved"] == 0.0, (stage, bad)
+        for row in (good, after):
+            assert not row["skipped"] and row["moved"] > 0, (stage, row)
