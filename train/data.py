@@ -810,18 +810,19 @@ class BatchStream:
         self.seed = int(state["seed"])
 
 
-def eval_batches(samples: TokenSamples, n_batches: int, batch_size: int, rank: int,
-                 world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(samples: TokenSamples, n_batches: int, batch_size: int, rank: int, world_size: int,
+                 micro_batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share of the first n_batches * batch_size samples (in index order, wrapping
-    when the split is smaller), one (tokens, targets) micro-batch of batch_size / world_size
-    sequences per batch, split by sample as in training: the same evaluation at any world size."""
+    when the split is smaller), batch_size / world_size sequences per batch split by sample as in
+    training, in (tokens, targets) micro-batches of micro_batch_size sequences (a forward no larger
+    than training's): the same evaluation at any world size."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    per_rank = _per_rank(batch_size, world_size)
+    per_rank = _per_rank(batch_size, world_size, micro_batch_size)
     n = len(samples)
     out = []
     for b in range(n_batches):
         first = b * batch_size + rank * per_rank
         x = torch.stack([samples[(first + j) % n] for j in range(per_rank)])  # (per_rank, seq_len + 1)
-        out.extend(_to_pairs(x, per_rank))
+        out.extend(_to_pairs(x, micro_batch_size))
     return out

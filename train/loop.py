@@ -162,7 +162,8 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     val_samples = TokenSamples(cfg, "val")
     stream = BatchStream(train_samples, cfg.train.seed, rank, world, cfg.train.micro_batch_size)
     # eval_batches global batches of val samples, the same set at any world size
-    val = eval_batches(val_samples, cfg.train.eval_batches, cfg.train.global_batch_size, rank, world)
+    val = eval_batches(val_samples, cfg.train.eval_batches, cfg.train.global_batch_size, rank, world,
+                       cfg.train.micro_batch_size)
 
     step = 0
     if meta and not meta.get("weights_only"):

@@ -396,11 +396,16 @@ def test_eval_batches_split_by_sample(prepared):
         assert n_batches * size > n  # wraps around the val split
         want = torch.stack([val[i % n] for i in range(n_batches * size)])  # (56, seq_len + 1)
         for world in (1, 2, 4):
-            per_rank = [eval_batches(val, n_batches, size, r, world) for r in range(world)]
-            assert all(len(b) == n_batches for b in per_rank)
-            tokens = torch.cat([per_rank[r][b][0] for b in range(n_batches) for r in range(world)])
-            targets = torch.cat([per_rank[r][b][1] for b in range(n_batches) for r in range(world)])
-            assert torch.equal(tokens, want[:, :-1]) and torch.equal(targets, want[:, 1:])
+            for micro in (1, 2):  # forwards of micro_batch_size sequences, as in training
+                per_rank = [eval_batches(val, n_batches, size, r, world, micro) for r in range(world)]
+                per_batch = size // world // micro
+                assert all(len(b) == n_batches * per_batch for b in per_rank)
+                assert all(x.shape[0] == micro for b in per_rank for x, _ in b)
+                order = [per_rank[r][b * per_batch + m] for b in range(n_batches) for r in range(world)
+                         for m in range(per_batch)]
+                tokens = torch.cat([x for x, _ in order])
+                targets = torch.cat([y for _, y in order])
+                assert torch.equal(tokens, want[:, :-1]) and torch.equal(targets, want[:, 1:])
 
 
 # --------------------------------------------------------------------------- bad shards
