@@ -179,12 +179,14 @@ class DeepSeekV3(nn.Module):
         lm_loss, logits = head(h, targets)
 
         mtp_losses = []
+        if self.mtp and tokens.shape[1] <= len(self.mtp):
+            raise ValueError(f"a sequence of {tokens.shape[1]} tokens leaves nothing for MTP depth {len(self.mtp)} "
+                             f"to predict (num_nextn_predict_layers={len(self.mtp)}): needs more tokens than depths")
         for k, module in enumerate(self.mtp, start=1):
             t = h.shape[1] - 1  # depth k covers positions 0 .. T-k-1 of the input
-            if t <= 0:
-                break
-            # input token at position i is t_{i+k} = targets[i+k-1]; its target t_{i+k+1} = targets[i+k]
-            next_tok = targets[:, k - 1 : k - 1 + t].clamp_min(0)  # ignored targets embed as token 0
+            # input token at position i is t_{i+k} = tokens[i+k] (the input itself, never a target,
+            # which may be ignored: -100); its target t_{i+k+1} = targets[i+k]
+            next_tok = tokens[:, k : k + t]
             # checkpointed whole (input norms and eh_proj with the block): one d-wide input kept per depth
             h, c, a = self._block(module, h[:, :t], self.embed_tokens(next_tok), cos[:t], sin[:t])
             counts.append(c)

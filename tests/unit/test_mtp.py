@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +32,27 @@ def test_mtp_loss_uses_the_right_shift():
     # the same reference shifted by one is a different number: the check can fail
     shifted = torch.cat([seq[:, :1], seq[:, :-1]], dim=1)
     assert abs(_reference_mtp_depth1_loss(model, shifted).item() - out.mtp_loss.item()) > 1e-3
+
+
+def test_ignored_targets_do_not_change_the_mtp_inputs():
+    """Depth k embeds the input token t_{i+k}, taken from the tokens: ignoring a main-head target
+    (-100, as for a masked prompt) leaves every MTP input, and so the MTP loss, unchanged."""
+    model = build(seed=0).eval()
+    seq = torch.randint(0, model.cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    tokens, targets = seq[:, :-1], seq[:, 1:].clone()
+    full = model(tokens, targets)
+    targets[:, 0] = -100  # a target of the main head only (depth 1 predicts targets[:, 1:])
+    masked = model(tokens, targets)
+    assert masked.mtp_loss.item() == full.mtp_loss.item()
+    assert masked.lm_loss.item() != full.lm_loss.item()
+
+
+def test_too_short_a_sequence_for_the_mtp_depths_is_an_error():
+    model = build(seed=0).eval()
+    one = torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="num_nextn_predict_layers"):
+        model(one, one)
+    assert model(one).shape == (1, 1, model.cfg.vocab_size)  # generation needs no MTP
 
 
 def test_mtp_learns_the_token_after_next():
