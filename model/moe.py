@@ -254,15 +254,18 @@ class MoE(nn.Module):
 def sequence_balance_loss(routing: Routing, batch: int, seq: int, cfg: ModelConfig) -> torch.Tensor:
     """Complementary sequence-wise balance loss (report eq. 17-20), averaged over sequences.
 
-    L = α Σ_i f_i P_i with f_i = E/(k·T) · #tokens of the sequence routed to i and
-    P_i = mean over the sequence of s_i / Σ_j s_j.
+    L = α Σ_i f_i P_i with f_i = E/(k·T) · #tokens of the sequence whose top-k affinities s
+    include expert i and P_i = mean over the sequence of s_i / Σ_j s_j. As eq. 18 writes it (and
+    Megatron-Core computes it), the top-k is over the raw s: no correction bias, no group limit,
+    so it can differ from the experts the tokens were dispatched to.
     """
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     probs = routing.scores / routing.scores.sum(-1, keepdim=True)  # (N, E)
     p = probs.view(batch, seq, e).mean(1)  # (B, E)
+    top = routing.scores.topk(k, dim=-1).indices  # (N, k)
     hits = torch.zeros(batch, e, device=probs.device)
     seq_of = torch.arange(batch, device=probs.device).repeat_interleave(seq * k)
-    hits.index_put_((seq_of, routing.topk_idx.reshape(-1)), torch.ones_like(seq_of, dtype=hits.dtype), accumulate=True)
+    hits.index_put_((seq_of, top.reshape(-1)), torch.ones_like(seq_of, dtype=hits.dtype), accumulate=True)
     f = hits * e / (k * seq)  # (B, E)
     return cfg.seq_aux_loss_alpha * (f * p).sum(-1).mean()
 

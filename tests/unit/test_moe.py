@@ -129,20 +129,26 @@ def test_bias_update_sign_rule():
 
 
 def test_sequence_balance_loss_against_a_loop():
+    """Report eq. 17-20, the indicator over the top-k of the raw affinities s of each token."""
     cfg = make_config(seq_aux_loss_alpha=1e-2, n_routed_experts=8, num_experts_per_tok=2)
     torch.manual_seed(1)
     router = Router(cfg)
     torch.nn.init.normal_(router.weight, std=0.3)
+    # a trained-looking bias: the dispatched experts (top-k of s + b, group-limited) then differ
+    router.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, cfg.n_routed_experts))
     b, t = 3, 11
     with torch.no_grad():
         r = router(torch.randn(b * t, cfg.hidden_size))
+    raw_top = [set(sorted(range(cfg.n_routed_experts), key=lambda j: -float(r.scores[row, j]))[:2])
+               for row in range(b * t)]
+    assert any(set(r.topk_idx[row].tolist()) != raw_top[row] for row in range(b * t))
     got = sequence_balance_loss(r, b, t, cfg)
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     total = 0.0
     for s in range(b):
         rows = range(s * t, (s + 1) * t)
         for i in range(e):
-            f = e / (k * t) * sum(int(i in r.topk_idx[row].tolist()) for row in rows)
+            f = e / (k * t) * sum(int(i in raw_top[row]) for row in rows)
             p = sum(float(r.scores[row, i] / r.scores[row].sum()) for row in rows) / t
             total += f * p
     assert math.isclose(got.item(), cfg.seq_aux_loss_alpha * total / b, rel_tol=1e-5)
