@@ -165,10 +165,11 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     val = eval_batches(val_samples, cfg.train.eval_batches, cfg.train.global_batch_size, rank, world,
                        cfg.train.micro_batch_size)
 
-    step = 0
+    step = skipped = 0
     if meta and not meta.get("weights_only"):
         client = ckpt_io.load(engine, layout, resume_from)
         step = client["step"]
+        skipped = client.get("skipped_steps", 0)  # absent in checkpoints from before it was saved
         stream.load_state_dict(client["data"])
         ckpt_io.set_rng_state(client["rng"])
         _log0(rank, f"resumed from {resume_from} at step {step}")
@@ -213,7 +214,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
 
     current_batch = cfg.train.global_batch_size
     bar = _progress(cfg, rank, step)
-    skipped = consecutive_bad = 0
+    consecutive_bad = 0  # a run of bad steps ends at a checkpoint: only a good step's state is resumed
     nan_step = int(os.environ.get("DSV3_FAULT_NAN_STEP", "0"))  # fault injection for tests: NaN grads at this step
     engine.train()
     while step < cfg.train.steps:
@@ -301,7 +302,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps or stop_signal:
             for i, moe in enumerate(engine.module.moe_layers()):
                 pe.check_same_on_all_ranks(moe.gate.e_score_correction_bias, f"routing bias of MoE layer {i}")
-            client = {"step": step, "data": stream.state_dict(), "rng": ckpt_io.rng_state()}
+            client = {"step": step, "data": stream.state_dict(), "rng": ckpt_io.rng_state(), "skipped_steps": skipped}
             try:
                 ckpt_io.save(engine, layout, run_dir, step, client, cfg.model, cfg.checkpoint.keep, rank)
             except OSError as err:  # disk full, quota, file size limit: the previous checkpoint is untouched

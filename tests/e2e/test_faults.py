@@ -93,11 +93,16 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_run(tiny_data, str
 
 
 def test_nan_gradients_skip_one_step_and_training_continues(tiny_data, straight, tmp_path):
+    """Stopped at step 6 and resumed: the skipped-step count carries over in the checkpoint."""
     run = tmp_path / "nan"
-    proc = subprocess.run(_train_cmd(tiny_data, run), cwd=REPO, env={**_env(), "DSV3_FAULT_NAN_STEP": "4"},
-                          capture_output=True, text=True)
+    env = {**_env(), "DSV3_FAULT_NAN_STEP": "4"}
+    proc = subprocess.run(_train_cmd(tiny_data, run, "train.steps=6"), cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 4: non-finite loss or gradient norm, optimizer step skipped" in proc.stderr
+    assert max(r["step"] for r in rows(run)) == 6
+    proc = subprocess.run(_train_cmd(tiny_data, run), cwd=REPO, env=env, capture_output=True, text=True)
+    assert "resumed from" in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-3000:]
     table = {r["step"]: r for r in rows(run)}
     assert table[3]["skipped_steps"] == 0 and table[4]["skipped_steps"] == 1 and table[STEPS]["skipped_steps"] == 1
     assert table[4]["grad_norm"] is None  # the injected NaN reached the gradients; NaN is written as null
