@@ -165,11 +165,12 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     val = eval_batches(val_samples, cfg.train.eval_batches, cfg.train.global_batch_size, rank, world,
                        cfg.train.micro_batch_size)
 
-    step = skipped = 0
+    step = skipped = consecutive_bad = 0
     if meta and not meta.get("weights_only"):
         client = ckpt_io.load(engine, layout, resume_from)
         step = client["step"]
-        skipped = client.get("skipped_steps", 0)  # absent in checkpoints from before it was saved
+        # absent from checkpoints written before they were kept
+        skipped, consecutive_bad = client.get("skipped_steps", 0), client.get("consecutive_bad_steps", 0)
         stream.load_state_dict(client["data"])
         ckpt_io.set_rng_state(client["rng"])
         _log0(rank, f"resumed from {resume_from} at step {step}")
@@ -214,7 +215,6 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
 
     current_batch = cfg.train.global_batch_size
     bar = _progress(cfg, rank, step)
-    consecutive_bad = 0  # a run of bad steps ends at a checkpoint: only a good step's state is resumed
     nan_step = int(os.environ.get("DSV3_FAULT_NAN_STEP", "0"))  # fault injection for tests: NaN grads at this step
     engine.train()
     while step < cfg.train.steps:
@@ -302,7 +302,8 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps or stop_signal:
             for i, moe in enumerate(engine.module.moe_layers()):
                 pe.check_same_on_all_ranks(moe.gate.e_score_correction_bias, f"routing bias of MoE layer {i}")
-            client = {"step": step, "data": stream.state_dict(), "rng": ckpt_io.rng_state(), "skipped_steps": skipped}
+            client = {"step": step, "data": stream.state_dict(), "rng": ckpt_io.rng_state(), "skipped_steps": skipped,
+                      "consecutive_bad_steps": consecutive_bad}
             try:
                 ckpt_io.save(engine, layout, run_dir, step, client, cfg.model, cfg.checkpoint.keep, rank)
             except OSError as err:  # disk full, quota, file size limit: the previous checkpoint is untouched
