@@ -225,6 +225,20 @@ class Config:
             if inc <= 0 or start % inc:
                 raise ConfigError("schedule.batch_ramp_increment", inc,
                                   f"must be positive and divide schedule.batch_ramp_start = {start}")
+        sc = self.schedule
+        if sc.lr == "deepseek" and not sc.warmup_steps <= sc.const_until <= sc.cosine_until:
+            raise ConfigError("schedule.const_until", sc.const_until,
+                              f"the deepseek schedule needs warmup_steps ({sc.warmup_steps}) <= const_until <= "
+                              f"cosine_until ({sc.cosine_until}): warmup, then constant, then cosine")
+        if t.max_bad_steps <= 0:
+            raise ConfigError("train.max_bad_steps", t.max_bad_steps, "must be a positive integer (1: halt at the first bad step)")
+        for key in ("bias_update_rate", "mtp_weight", "mtp_weight_late"):
+            if getattr(self.schedule, key) < 0:
+                raise ConfigError(f"schedule.{key}", getattr(self.schedule, key), "must be >= 0")
+        if self.data.seq_len <= self.model.num_nextn_predict_layers:
+            raise ConfigError("data.seq_len", self.data.seq_len,
+                              f"must exceed model.num_nextn_predict_layers={self.model.num_nextn_predict_layers} "
+                              "(each MTP depth predicts one token further)")
         if self.data.samples_per_shard <= 0:
             raise ConfigError("data.samples_per_shard", self.data.samples_per_shard, "must be a positive integer")
         if self.data.val_documents < 0:
@@ -272,6 +286,19 @@ def _omegaconf_error(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(key, None, f"{msg} (in {source})")
 
 
+def _check_sources(items, source: str) -> None:
+    """data.sources entries one by one, so an error names the entry: data.sources[1].pth, not pth
+    (OmegaConf checks list items detached from their list and reports the bare key)."""
+    if not isinstance(items, list):
+        return  # not a list: the merge says so, naming data.sources
+    for i, item in enumerate(items):
+        try:
+            OmegaConf.merge(OmegaConf.structured(SourceConfig), item)
+        except OmegaConfBaseException as err:
+            inner = _omegaconf_error(err, source)
+            raise ConfigError(f"data.sources[{i}].{inner.key}", None, inner.allowed) from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """YAML file + dotted `key=value` overrides -> validated Config. Raises ConfigError."""
     schema = OmegaConf.structured(Config)
@@ -290,13 +317,17 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                 at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
                 problem = getattr(err, "problem", None) or str(err).splitlines()[0]
                 raise ConfigError("config", str(p), f"not valid YAML: {problem}{at}") from None
+            if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
+                _check_sources(raw["data"].get("sources"), source)
             merged = OmegaConf.merge(merged, OmegaConf.create(raw))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(item, None, "overrides are dotted.key=value")
         if overrides:
             source = f"{source} + overrides"
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            dotted = OmegaConf.from_dotlist(list(overrides))
+            _check_sources(OmegaConf.to_container(dotted).get("data", {}).get("sources"), source)
+            merged = OmegaConf.merge(merged, dotted)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _omegaconf_error(err, source) from None

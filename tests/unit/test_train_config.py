@@ -30,6 +30,11 @@ def test_smoke_loads_and_overrides_apply():
         ("schedule.lr=linear", "schedule.lr"),
         ("schedule.batch_ramp_start=32", "schedule.batch_ramp_start"),  # above the global batch (16)
         ("schedule.batch_ramp_start=0", "schedule.batch_ramp_start"),
+        ("train.max_bad_steps=0", "train.max_bad_steps"),
+        ("schedule.bias_update_rate=-1e-3", "schedule.bias_update_rate"),
+        ("schedule.mtp_weight_late=-0.1", "schedule.mtp_weight_late"),
+        ("data.sources=[{kind: shakespeare}, {kind: txt, pth: x}]", "data.sources[1].pth"),  # names the entry
+        ("data.sources=[{kind: txt, path: x, weight: heavy}]", "data.sources[0].weight"),
     ],
 )
 def test_bad_values_name_key_and_file(override, key):
@@ -37,6 +42,20 @@ def test_bad_values_name_key_and_file(override, key):
         load_config(SMOKE, [override])
     msg = str(err.value)
     assert key in msg and SMOKE in msg, msg
+
+
+def test_deepseek_schedule_phases_must_be_in_order():
+    phases = ["schedule.lr=deepseek", "schedule.warmup_steps=10", "schedule.cosine_until=100"]
+    load_config(SMOKE, [*phases, "schedule.const_until=50"])
+    with pytest.raises(ConfigError, match="schedule.const_until"):  # the LR would drop right after warmup
+        load_config(SMOKE, [*phases, "schedule.const_until=5"])
+
+
+def test_a_source_entry_in_the_yaml_is_named_by_its_index(tmp_path):
+    bad = tmp_path / "sources.yaml"
+    bad.write_text("data:\n  sources:\n    - kind: shakespeare\n    - kind: txt\n      pth: corpus\n")
+    with pytest.raises(ConfigError, match=r"data\.sources\[1\]\.pth.*sources\.yaml"):
+        load_config(bad)
 
 
 def test_unknown_section_and_bad_yaml(tmp_path):
