@@ -381,13 +381,20 @@ def load(engine, layout, ckpt: Path) -> dict:
                 state[key] = value.to(device=p.device, dtype=torch.float32).clone()
     step_count = client["optimizer_step"]
     inner = engine.optimizer.optimizer if partitioned else engine.optimizer
-    if partitioned:
-        targets = list(inner.state.values())
-    else:
-        targets = [inner.state[p] for p in engine.module.parameters()]
-    for state in targets:
-        old = state.get("step")
-        state["step"] = torch.tensor(float(step_count)) if old is None or torch.is_tensor(old) else step_count
+    # Each tensor the torch optimizer steps: the parameters at ZeRO-0, the flat fp32 partitions
+    # under ZeRO-1/2. Its step count goes where torch's own load_state_dict puts it: beside the
+    # tensor for the fused and capturable kernels (fused AdamW on CUDA wants it there), on the
+    # host otherwise; fp32 either way.
+    for group in inner.param_groups:
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            state = inner.state[p]
+            old = state.get("step")
+            if old is not None and not torch.is_tensor(old):
+                state["step"] = step_count
+            else:
+                state["step"] = torch.tensor(float(step_count), dtype=torch.float32,
+                                             device=p.device if on_device else "cpu")
     return client
 
 
