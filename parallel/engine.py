@@ -123,10 +123,11 @@ def build_engine(model: DeepSeekV3, cfg, info: DistInfo):
         param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
         fused=fused_adamw_ok(model),
     )
+    biases = router_biases(model)  # before DeepSpeed's bf16 cast rounds them
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, info.world_size, bf16),
     )
-    keep_router_bias_fp32(model)
+    keep_router_bias_fp32(model, biases)
     install_global_grad_norm(engine, layout)
     skip_single_process_allreduce(engine, info.world_size)
     return engine, layout
@@ -149,12 +150,21 @@ def fused_adamw_ok(model: torch.nn.Module) -> bool:
                for p in model.parameters())
 
 
-def keep_router_bias_fp32(model: DeepSeekV3) -> None:
+def router_biases(model: DeepSeekV3) -> list[torch.Tensor]:
+    """fp32 copies of the MoE layers' routing biases, in moe_layers() order."""
+    return [moe.gate.e_score_correction_bias.detach().float().clone() for moe in model.moe_layers()]
+
+
+def keep_router_bias_fp32(model: DeepSeekV3, biases: list[torch.Tensor] | None = None) -> None:
     """A bf16 cast of the module also casts buffers; the routing bias must stay fp32, since its
-    per-step change γ = 1e-3 is below bf16's resolution near typical bias values."""
-    for moe in model.moe_layers():
+    per-step change γ = 1e-3 is below bf16's resolution near typical bias values. `biases`
+    (router_biases before the cast) restores the exact values too, e.g. imported ones; without
+    it the cast-back values keep bf16's rounding."""
+    for i, moe in enumerate(model.moe_layers()):
         b = moe.gate.e_score_correction_bias
-        if b.dtype != torch.float32:
+        if biases is not None:
+            moe.gate.e_score_correction_bias = biases[i].to(b.device)
+        elif b.dtype != torch.float32:
             moe.gate.e_score_correction_bias = b.float()
 
 

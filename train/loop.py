@@ -200,8 +200,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     logger = MetricsLogger(run_dir, cfg, rank, resume=step > 0)
     if step > 0:
         logger.truncate_after(step)
-    counts = model.parameter_counts()
-    _log0(rank, startup_summary(cfg, world, counts))
+    _log0(rank, startup_summary(cfg, world))
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak, peak_src = run_peak_flops(cfg, info.device)
     _log0(rank, f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_src}); {fpt / 1e6:.4g} MFLOP/token")

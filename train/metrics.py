@@ -513,8 +513,11 @@ def human(n: float) -> str:
     return f"{n:.3g}"
 
 
-def startup_summary(cfg: Config, world_size: int, counts: dict) -> str:
-    """One line for the start of a run. counts: DeepSeekV3.parameter_counts() (total, active, mtp)."""
+def startup_summary(cfg: Config, world_size: int) -> str:
+    """One line for the start of a run. Parameter counts are the whole model's, from the config (a
+    rank's own model holds only its expert shard under expert parallelism)."""
+    p = _active_params(json.dumps(cfg.model.to_dict(), sort_keys=True))
+    counts = {"total": p["total"], "active": p["active"], "mtp": p["mtp_total"]}
     t = cfg.train
     per_pass = t.micro_batch_size * world_size
     accum = t.global_batch_size // per_pass if per_pass else 0

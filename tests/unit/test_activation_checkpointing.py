@@ -15,7 +15,7 @@ from launch.local import launch_local
 from launch.slurm import check_launch
 from model import ConfigError
 from parallel import fp8 as pf8
-from parallel.engine import keep_router_bias_fp32
+from parallel.engine import keep_router_bias_fp32, router_biases
 from train.config import Config, DataConfig, FP8Config, TrainConfig, load_config
 from train.plan import activation_bytes
 
@@ -31,8 +31,9 @@ def _model(checkpointing: bool, **overrides):
     if model.cfg.precision == "fp8":
         pf8.apply_fp8(model, Config(model=model.cfg), "cpu")
     elif model.cfg.precision == "bf16":  # what DeepSpeed's bf16 engine trains: bf16 weights, fp32 routing bias
+        biases = router_biases(model)
         model.to(torch.bfloat16)
-        keep_router_bias_fp32(model)
+        keep_router_bias_fp32(model, biases)
     model.activation_checkpointing = checkpointing
     return model
 

@@ -113,3 +113,24 @@ def test_bf16_optimizers_report_their_skipped_steps():
         assert bad["loss_finite"] and bad["skipped"] and bad["moved"] == 0.0, (stage, bad)
         for row in (good, after):
             assert not row["skipped"] and row["moved"] > 0, (stage, row)
+
+
+def test_routing_biases_survive_the_bf16_cast_exactly():
+    """DeepSpeed's bf16 engine casts the module, buffers included; build_engine takes the biases
+    first and puts them back in fp32, so imported values keep every bit (not bf16's 8)."""
+    import torch
+
+    from parallel.engine import keep_router_bias_fp32, router_biases
+
+    from .helpers import build
+
+    model = build(seed=0)
+    for i, moe in enumerate(model.moe_layers()):
+        moe.gate.e_score_correction_bias.copy_(torch.linspace(-0.0123457, 0.0123457, moe.cfg.n_routed_experts) * (i + 1))
+    want = router_biases(model)
+    model.to(torch.bfloat16)
+    assert any(not torch.equal(m.gate.e_score_correction_bias.float(), w) for m, w in zip(model.moe_layers(), want))
+    keep_router_bias_fp32(model, want)
+    for moe, w in zip(model.moe_layers(), want):
+        assert moe.gate.e_score_correction_bias.dtype == torch.float32
+        assert torch.equal(moe.gate.e_score_correction_bias, w)
