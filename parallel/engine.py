@@ -184,6 +184,15 @@ def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tens
     return t
 
 
+def union_size(items: set) -> int:
+    """How many distinct items all ranks hold together (a collective: every rank calls it)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return len(items)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(items))
+    return len({tuple(x) for part in gathered for x in part})
+
+
 def check_same_on_all_ranks(t: torch.Tensor, what: str) -> None:
     """Raise if `t` differs between ranks (e.g. routing biases drifting apart)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

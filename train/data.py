@@ -571,6 +571,11 @@ class TokenSamples:
         """How many distinct shards of this split were found bad so far (at open or on reading)."""
         return len(self._bad)
 
+    @property
+    def bad_shard_ids(self) -> set[tuple[str, int]]:
+        """(split, shard index) of each shard found bad so far by this process."""
+        return {(self.split, k) for k in self._bad}
+
     def _mark_bad(self, k: int, path: Path, why: str, dead: bool = False) -> None:
         if dead:
             self._dead.add(k)

@@ -287,12 +287,14 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
             val_loss = row_val = evaluate(engine, val, info)
         if do_log:
             peak_mem = peak_memory(info.device)
+            # a bad sample is found by the rank that reads it: count the shards every rank found
+            bad_shards = pe.union_size(train_samples.bad_shard_ids | val_samples.bad_shard_ids)
             logger.log(
                 step, loss=means[0].item(), lm_loss=means[1].item(),
                 mtp_loss=means[2].item() if cfg.model.num_nextn_predict_layers else None,
                 lr=lr, batch_size=batch, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
                 mfu=mfu(tokens_per_s, fpt, peak, world), peak_mem_bytes=peak_mem,
-                skipped_steps=skipped, bad_shards=train_samples.bad_shards + val_samples.bad_shards,
+                skipped_steps=skipped, bad_shards=bad_shards,
                 val_loss=row_val, expert_counts=step_counts,
             )
         if row_val is not None:

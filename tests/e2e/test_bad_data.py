@@ -22,15 +22,16 @@ def _private_data(tiny_data: list[str], dest: Path) -> tuple[list[str], Path]:
     return [o for o in tiny_data if not o.startswith("data.dir=")] + [f"data.dir={dest}"], dest
 
 
-def _first_drawn(overrides: list[str], data_dir: Path) -> tuple[Path, int]:
-    """The shard and global index of the first sample training draws: corrupting it must be noticed."""
+def _drawn(overrides: list[str], data_dir: Path, position: int = 0) -> tuple[Path, int]:
+    """The shard and global index of the sample training draws at `position` of its stream (0:
+    the first one of rank 0; global_batch / world: the first one of rank 1)."""
     cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
     m = json.loads((data_dir / "manifest.json").read_text())
-    first = stream_indices(m["train"]["samples"], cfg.train.seed, 0, 1)[0]
+    index = stream_indices(m["train"]["samples"], cfg.train.seed, position, 1)[0]
     start = 0
     for s in m["train"]["shards"]:
-        if first < start + s["nsamples"]:
-            return data_dir / s["url"], first
+        if index < start + s["nsamples"]:
+            return data_dir / s["url"], index
         start += s["nsamples"]
     raise AssertionError("sample index beyond the manifest")
 
@@ -53,7 +54,7 @@ def _corrupt(path: Path, index: int, how: str) -> None:
 @pytest.mark.parametrize("how", ["truncate", "garbage", "payload"])
 def test_corrupt_train_shard_is_skipped_and_counted(tiny_data, tmp_path, how):
     overrides, data_dir = _private_data(tiny_data, tmp_path / "data")
-    shard, index = _first_drawn(overrides, data_dir)
+    shard, index = _drawn(overrides, data_dir)
     _corrupt(shard, index, how)
     run = tmp_path / "run"
     proc = run_cli("train", "configs/smoke.yaml", *overrides, f"train.run_dir={run}", "train.steps=6",
@@ -65,3 +66,16 @@ def test_corrupt_train_shard_is_skipped_and_counted(tiny_data, tmp_path, how):
     assert [r["step"] for r in trained] == list(range(1, 7))
     assert all(r["bad_shards"] == 1 for r in trained)
     assert all(r["loss"] is not None and r["loss"] == r["loss"] for r in trained)  # finite, not NaN
+
+
+def test_a_bad_sample_read_by_another_rank_is_counted(tiny_data, tmp_path):
+    """Two ranks; the corrupt sample is rank 1's first, in a shard whose headers are intact, so
+    only rank 1 ever finds it. bad_shards (written by rank 0) counts it all the same."""
+    overrides, data_dir = _private_data(tiny_data, tmp_path / "data")
+    per_rank = load_config(REPO / "configs" / "smoke.yaml", overrides).train.global_batch_size // 2
+    shard, index = _drawn(overrides, data_dir, position=per_rank)
+    _corrupt(shard, index, "payload")
+    run = tmp_path / "run"
+    run_cli("train", "configs/smoke.yaml", *overrides, f"train.run_dir={run}", "train.steps=2", nproc=2)
+    trained = [r for r in rows(run) if r["step"] > 0]
+    assert [r["bad_shards"] for r in trained] == [1, 1]
