@@ -95,6 +95,9 @@ def deepspeed_config(cfg, world_size: int, bf16: bool) -> dict:
         "gradient_clipping": cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 1e30,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": bf16},
+        # bf16 weights, fp32 weight gradients (report §3.3): micro-batch gradients are accumulated
+        # and reduced in fp32, not summed in bf16 (DeepSpeed's default); ZeRO-2 only (Config.validate)
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -107,12 +110,6 @@ def build_engine(model: DeepSeekV3, cfg, info: DistInfo):
 
     precision = cfg.model.precision
     bf16 = precision == "bf16"  # fp8 keeps DeepSpeed in fp32: fp32 master weights and grads (parallel/fp8.py)
-    if bf16 and info.device.type == "cpu":
-        raise ConfigError("model.precision", precision, "bf16 training needs a GPU here; use fp32 on CPU")
-    if bf16 and cfg.parallel.ep > 1 and cfg.parallel.zero_stage == 0:
-        # DeepSpeed's bf16 optimizer (ZeRO-0) computes the clipping norm in a way we do not
-        # correct for expert shards (install_global_grad_norm covers fp32 ZeRO-0 and ZeRO-1/2).
-        raise ConfigError("parallel.zero_stage", 0, "expert parallelism with bf16 needs ZeRO stage 1 or 2")
     layout = build_expert_layout(cfg.parallel.ep, cfg.model.n_routed_experts)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     apply_expert_parallel(model, layout)

@@ -188,6 +188,13 @@ class Config:
             )
         if p.zero_stage not in (0, 1, 2):
             raise ConfigError("parallel.zero_stage", p.zero_stage, "0, 1 or 2 (ZeRO-3 does not combine with MoE)")
+        if self.model.precision == "bf16" and p.zero_stage != 2:
+            # DeepSpeed accumulates bf16 models' gradients in fp32 (data_types.grad_accum_dtype) with
+            # the ZeRO-2 optimizer only: ZeRO-0 refuses the setting, ZeRO-1 switches to an optimizer
+            # whose clipping norm (and skip-step check) parallel.engine does not correct for experts.
+            raise ConfigError("parallel.zero_stage", p.zero_stage,
+                              "2 with model.precision=bf16: only ZeRO-2 accumulates and reduces bf16 models' "
+                              "gradients in fp32 (others would sum micro-batch gradients in bf16)")
         if p.ep <= 0 or self.model.n_routed_experts % p.ep:
             raise ConfigError("parallel.ep", p.ep, f"must divide model.n_routed_experts={self.model.n_routed_experts}")
         if p.node_limited_routing and self.model.n_group % p.ep:

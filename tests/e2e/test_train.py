@@ -60,6 +60,19 @@ def test_batch_ramp_steps_at_step_boundaries_and_resumes_exactly(tiny_data, tmp_
     assert [r["batch_size"] for r in rows(stopped) if r["step"] > 0] == [4, 4, 8, 12, 12, 12]
 
 
+def test_bf16_zero2_trains_and_resumes_exactly_on_cpu(tiny_data, tmp_path):
+    """The GPU configs' precision (bf16 weights, fp32 masters and gradients, ZeRO-2) through the real
+    engine on CPU: it trains, and a run stopped at step 2 and resumed equals the straight one."""
+    bf16 = [*tiny_data, "model.precision=bf16", "parallel.zero_stage=2", "train.steps=4", "train.eval_interval=2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_cli("train", "configs/smoke.yaml", *bf16, f"train.run_dir={straight}")
+    run_cli("train", "configs/smoke.yaml", *bf16, f"train.run_dir={stopped}", "train.steps=2")
+    run_cli("train", "configs/smoke.yaml", *bf16, f"train.run_dir={stopped}")
+    assert losses(straight) == losses(stopped)
+    vals = val_losses(straight)
+    assert vals[4] < vals[0]
+
+
 def test_activation_checkpointing_trains_the_same_run(tiny_data, straight_run, tmp_path):
     """Blocks recomputed in backward through the real engine: every step's losses and grad norm,
     the expert load (from the counts the bias update reads) and the val losses equal the

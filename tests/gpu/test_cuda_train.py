@@ -11,11 +11,10 @@ from tests.support import rows, run_cli
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
-def test_resume_on_cuda_with_fused_adamw_equals_the_straight_run(tiny_data, tmp_path, zero_stage):
+def test_resume_on_cuda_with_fused_adamw_equals_the_straight_run(tiny_data, tmp_path):
     """fused AdamW on CUDA keeps its step count on the device; a resumed run must restore it there
     (a host tensor fails inside the fused kernel) and then continue exactly."""
-    args = [*tiny_data, "train.device=cuda", "model.precision=bf16", f"parallel.zero_stage={zero_stage}"]
+    args = [*tiny_data, "train.device=cuda", "model.precision=bf16", "parallel.zero_stage=2"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     run_cli("train", "configs/smoke.yaml", *args, f"train.run_dir={straight}", "train.steps=4")
     run_cli("train", "configs/smoke.yaml", *args, f"train.run_dir={stopped}", "train.steps=2")

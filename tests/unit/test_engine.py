@@ -134,3 +134,52 @@ def test_routing_biases_survive_the_bf16_cast_exactly():
     for moe, w in zip(model.moe_layers(), want):
         assert moe.gate.e_score_correction_bias.dtype == torch.float32
         assert torch.equal(moe.gate.e_score_correction_bias, w)
+
+
+ACCUM_WORKER = r"""
+import json, sys
+import torch
+import deepspeed
+from parallel import engine as pe
+from train.config import load_config
+
+cfg = load_config("configs/smoke.yaml", ["model.precision=bf16", "parallel.zero_stage=2", "optim.grad_clip=0",
+                                         "train.micro_batch_size=1", "train.global_batch_size=2"])
+pe.init_distributed("cpu", 60)
+
+
+class Scaled(torch.nn.Module):  # d loss / d w = c, whatever w is
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(8))
+
+    def forward(self, c):
+        return (self.w.float() * c).sum()
+
+
+model = Scaled()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=pe.deepspeed_config(cfg, 1, bf16=True))
+seen = []
+inner_step = engine.optimizer.optimizer.step
+def record(*args, **kwargs):
+    seen.extend(p.grad.detach().clone() for g in engine.optimizer.optimizer.param_groups for p in g["params"])
+    return inner_step(*args, **kwargs)
+engine.optimizer.optimizer.step = record
+for c in (1.0, 1e-3):  # two micro-batches of one step
+    engine.backward(engine(c))
+    engine.step()
+print(json.dumps({"dtype": str(seen[0].dtype), "grad": seen[0].tolist()}))
+"""
+
+
+def test_bf16_gradients_accumulate_in_fp32():
+    """The DeepSpeed config we build for bf16: micro-batch gradients 1.0 and 1e-3 (each halved for
+    the two-step average) must reach the optimizer as 0.5005. Summed in bf16 (8 bits of mantissa,
+    DeepSpeed's default) 0.5 + 0.0005 rounds back to 0.5."""
+    proc = subprocess.run([sys.executable, "-c", ACCUM_WORKER], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["dtype"] == "torch.float32"
+    assert all(abs(g - 0.5005) < 2e-6 for g in report["grad"]), report

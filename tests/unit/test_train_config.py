@@ -31,6 +31,7 @@ def test_smoke_loads_and_overrides_apply():
         ("schedule.batch_ramp_start=32", "schedule.batch_ramp_start"),  # above the global batch (16)
         ("schedule.batch_ramp_start=0", "schedule.batch_ramp_start"),
         ("train.max_bad_steps=0", "train.max_bad_steps"),
+        ("model.precision=bf16", "parallel.zero_stage"),  # bf16 gradients accumulate in fp32 at ZeRO-2 only
         ("schedule.bias_update_rate=-1e-3", "schedule.bias_update_rate"),
         ("schedule.mtp_weight_late=-0.1", "schedule.mtp_weight_late"),
         ("data.sources=[{kind: shakespeare}, {kind: txt, pth: x}]", "data.sources[1].pth"),  # names the entry
