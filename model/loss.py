@@ -92,6 +92,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         dh, dw = ctx.dh, ctx.dw
+        if dh is None:
+            raise RuntimeError(
+                "backward through the fused head and loss ran twice: its gradients are computed in the "
+                "forward and handed over once (retain_graph / double backward need model.loss_chunk_size=0, "
+                "the reference path)")
         ctx.dh = ctx.dw = None
         # the loss is usually the root of backward (grad 1): skip two passes where checking is free
         if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):

@@ -42,6 +42,14 @@ def test_upstream_gradient_scales_both_gradients():
         torch.testing.assert_close(o, r, atol=1e-7, rtol=1e-5)
 
 
+def test_a_second_backward_is_a_clear_error():
+    h, w = torch.randn(6, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.randint(0, 9, (6,)), 4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="loss_chunk_size=0"):
+        loss.backward()
+
+
 def test_no_grad_and_all_ignored():
     h, w = torch.randn(9, 4), torch.randn(13, 4)
     t = torch.randint(0, 13, (9,))
