@@ -572,6 +572,13 @@ class TokenSamples:
         return len(self._bad)
 
     @property
+    def fingerprint(self) -> str:
+        """The split's layout: its shards' file names and sample counts, in order (16 hex digits).
+        Equal fingerprints give the same sample order for a seed; checkpoints keep it."""
+        layout = json.dumps([[p.name, n] for p, n in self.shards])
+        return hashlib.sha256(layout.encode()).hexdigest()[:16]
+
+    @property
     def bad_shard_ids(self) -> set[tuple[str, int]]:
         """(split, shard index) of each shard found bad so far by this process."""
         return {(self.split, k) for k in self._bad}
@@ -807,12 +814,22 @@ class BatchStream:
         return _to_pairs(x, self.micro_batch_size)
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "seed": self.seed}
+        return {"consumed": self.consumed, "seed": self.seed, "samples": len(self.samples),
+                "fingerprint": self.samples.fingerprint}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue the checkpointed stream: its position and its seed (the order is run state)."""
+    def load_state_dict(self, state: dict) -> str | None:
+        """Continue the checkpointed stream: its position and its seed (the order is run state).
+
+        Returns a warning when the split is not the one the checkpoint was trained on (other shards
+        or sample counts: data prepared again, or other shards named): the position carries over,
+        but the order is a new one, so this epoch's remaining samples are not the old ones."""
         self.consumed = int(state["consumed"])
         self.seed = int(state["seed"])
+        if "fingerprint" not in state or state["fingerprint"] == self.samples.fingerprint:
+            return None  # the same data (or a checkpoint from before fingerprints were kept)
+        return (f"the {self.samples.split} data differ from the checkpoint's ({state['samples']} samples, layout "
+                f"{state['fingerprint']}; now {len(self.samples)}, {self.samples.fingerprint}): continuing at "
+                f"sample {self.consumed} of the new order, so some samples of this epoch may repeat or be skipped")
 
 
 def eval_batches(samples: TokenSamples, n_batches: int, batch_size: int, rank: int, world_size: int,

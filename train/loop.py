@@ -171,7 +171,9 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         step = client["step"]
         # absent from checkpoints written before they were kept
         skipped, consecutive_bad = client.get("skipped_steps", 0), client.get("consecutive_bad_steps", 0)
-        stream.load_state_dict(client["data"])
+        changed = stream.load_state_dict(client["data"])
+        if changed:
+            _log0(rank, f"warning: {changed}")
         ckpt_io.set_rng_state(client["rng"])
         _log0(rank, f"resumed from {resume_from} at step {step}")
     elif meta:

@@ -373,10 +373,11 @@ def test_batch_stream_resume_and_seed(train_samples):
     for size in BATCHES[:3]:
         a.next(size)
     state = a.state_dict()
-    assert state == {"consumed": sum(BATCHES[:3]), "seed": 11}
+    assert state == {"consumed": sum(BATCHES[:3]), "seed": 11, "samples": len(train_samples),
+                     "fingerprint": train_samples.fingerprint}
     rest = [a.next(size) for size in BATCHES[3:]]
     b = BatchStream(train_samples, 999, rank=1, world_size=2, micro_batch_size=2)
-    b.load_state_dict(state)
+    assert b.load_state_dict(state) is None  # the same data: nothing to say
     for want, size in zip(rest, BATCHES[3:]):
         got = b.next(size)
         assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(got, want))
@@ -386,6 +387,15 @@ def test_batch_stream_resume_and_seed(train_samples):
         a.next(7)
     with pytest.raises(ValueError, match="micro_batch_size"):
         a.next(6)  # 3 per rank, micro-batch 2
+
+
+def test_resuming_on_other_data_is_said(prepared, train_samples):
+    state = BatchStream(train_samples, 11, 0, 1, 2, consumed=10).state_dict()
+    with TokenSamples(prepared[0], "val") as other:  # other shards, another sample count
+        moved = BatchStream(other, 11, 0, 1, 2)
+        warning = moved.load_state_dict(state)
+    assert moved.consumed == 10
+    assert warning and f"{len(train_samples)} samples" in warning and train_samples.fingerprint in warning
 
 
 def test_eval_batches_split_by_sample(prepared):
