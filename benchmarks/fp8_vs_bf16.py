@@ -52,6 +52,8 @@ def run_training(config: str, precision: str, args, out: Path, extra: list[str])
     ]
     if precision == "fp8":
         overrides += [f"fp8.backend={args.fp8_backend}", f"fp8.recipe={args.recipe}"]
+    if args.baseline == "bf16":  # bf16 trains at ZeRO-2 (fp32 gradient accumulation); FP8 runs the same layout
+        overrides.append("parallel.zero_stage=2")
     cmd = [sys.executable, "-m", "train.cli", "train", config, *overrides, *extra]
     print(f"[{precision}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)

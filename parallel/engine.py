@@ -153,8 +153,9 @@ def router_biases(model: DeepSeekV3) -> list[torch.Tensor]:
 
 
 def keep_router_bias_fp32(model: DeepSeekV3, biases: list[torch.Tensor] | None = None) -> None:
-    """A bf16 cast of the module also casts buffers; the routing bias must stay fp32, since its
-    per-step change γ = 1e-3 is below bf16's resolution near typical bias values. `biases`
+    """A bf16 cast of the whole module (DeepSpeed before 0.19; 0.19 casts parameters only) also
+    casts buffers; the routing bias must stay fp32, since its per-step change γ = 1e-3 is below
+    bf16's resolution near typical bias values. `biases`
     (router_biases before the cast) restores the exact values too, e.g. imported ones; without
     it the cast-back values keep bf16's rounding."""
     for i, moe in enumerate(model.moe_layers()):
@@ -222,8 +223,8 @@ def step_skipped(engine) -> bool:
     """Whether the optimizer step just taken was skipped for non-finite gradients.
 
     Two places decide it: our global-norm check (install_global_grad_norm), and DeepSpeed's own
-    overflow check, which its bf16 optimizers (ZeRO-0's and ZeRO-1/2's) run before any norm and
-    which then skips the step without computing ours."""
+    overflow check, which its bf16 optimizer runs before any norm and which then skips the step
+    without computing ours."""
     return bool(engine.dsv3_nonfinite or getattr(engine.optimizer, "overflow", False))
 
 
@@ -240,7 +241,7 @@ def install_global_grad_norm(engine, layout: ExpertLayout) -> None:
 
     # A non-finite norm (NaN/inf loss or gradients) skips the optimizer step: the flag is set
     # here, before DeepSpeed steps, and the wrapped torch optimizer's step() does nothing while
-    # it is up. The loop reads engine.dsv3_nonfinite to count and report skipped steps.
+    # it is up. The loop asks step_skipped(), which reads it, to count and report skipped steps.
     engine.dsv3_nonfinite = False
     inner = engine.optimizer.optimizer if engine.zero_optimization_stage() > 0 else engine.optimizer
     inner_step = inner.step

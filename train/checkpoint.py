@@ -71,8 +71,13 @@ def set_aside_later(run_dir: Path, step: int) -> tuple[Path, list[str]] | None:
     later = [c for c in complete_checkpoints(root) if int(c.name.split("_")[1]) > step]
     if not later:
         return None
-    dest = run_dir / f"checkpoints-superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    dest.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = run_dir / f"checkpoints-superseded-{stamp}"
+    n = 1
+    while dest.exists():  # a second start over within the same second
+        n += 1
+        dest = run_dir / f"checkpoints-superseded-{stamp}-{n}"
+    dest.mkdir(parents=True)
     for c in later:
         c.rename(dest / c.name)
     _point_latest(root)

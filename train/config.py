@@ -71,13 +71,9 @@ class ScheduleConfig:
     mtp_weight_switch: int | None = None
     batch_ramp_start: int | None = None  # sequences at step 1; null = no ramp
     batch_ramp_steps: int = 0  # steps over which the batch grows to train.global_batch_size
-    # the ramp's sizes are multiples of this (null: batch_ramp_start), whatever the world size, so
-    # step s holds the same samples on any layout; must divide by micro_batch_size × world size
+    # sequences: the ramp's sizes are multiples of it, not of the world size, so step s holds the
+    # same samples on any layout whose micro_batch_size × world size divides it; required with a ramp
     batch_ramp_increment: int | None = None
-
-    @property
-    def ramp_increment(self) -> int:
-        return self.batch_ramp_start if self.batch_ramp_increment is None else self.batch_ramp_increment
 
 
 @dataclass
@@ -225,13 +221,14 @@ class Config:
             if getattr(self.schedule, key) < 0:
                 raise ConfigError(f"schedule.{key}", getattr(self.schedule, key), "must be >= 0")
         if self.schedule.batch_ramp_start is not None:
-            start, inc = self.schedule.batch_ramp_start, self.schedule.ramp_increment
+            start, inc = self.schedule.batch_ramp_start, self.schedule.batch_ramp_increment
             if not 0 < start <= self.train.global_batch_size:
                 raise ConfigError("schedule.batch_ramp_start", start,
                                   f"must be in [1, train.global_batch_size = {self.train.global_batch_size}]")
-            if inc <= 0 or start % inc:
+            if inc is None or inc <= 0 or start % inc:
                 raise ConfigError("schedule.batch_ramp_increment", inc,
-                                  f"must be positive and divide schedule.batch_ramp_start = {start}")
+                                  f"a positive number of sequences dividing schedule.batch_ramp_start = {start} "
+                                  "(the ramp's sizes are its multiples); required with a ramp")
         sc = self.schedule
         if sc.lr == "deepseek" and not sc.warmup_steps <= sc.const_until <= sc.cosine_until:
             raise ConfigError("schedule.const_until", sc.const_until,
@@ -264,7 +261,7 @@ class Config:
         per_step = t.micro_batch_size * world_size
         sizes = {"train.global_batch_size": t.global_batch_size}
         if self.schedule.batch_ramp_start is not None:  # every ramp size is a multiple of the increment
-            sizes["schedule.batch_ramp_increment"] = self.schedule.ramp_increment
+            sizes["schedule.batch_ramp_increment"] = self.schedule.batch_ramp_increment
         for key, size in sizes.items():
             if size % per_step:
                 raise ConfigError(
@@ -293,12 +290,28 @@ def _omegaconf_error(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(key, None, f"{msg} (in {source})")
 
 
+def _precheck(tree, source: str) -> None:
+    """Checks on a YAML file's or the overrides' tree before the merge, where OmegaConf's own
+    errors would not name the key: each section is a mapping, and each data.sources entry is
+    checked alone (see _check_sources)."""
+    if not isinstance(tree, dict):
+        return
+    for f in dataclasses.fields(Config):
+        section = tree.get(f.name)
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f.name, section, "a section of key: value pairs")
+    if isinstance(tree.get("data"), dict):
+        _check_sources(tree["data"].get("sources"), source)
+
+
 def _check_sources(items, source: str) -> None:
     """data.sources entries one by one, so an error names the entry: data.sources[1].pth, not pth
     (OmegaConf checks list items detached from their list and reports the bare key)."""
     if not isinstance(items, list):
         return  # not a list: the merge says so, naming data.sources
     for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            continue  # not a mapping: the merge says so, naming data.sources[i]
         try:
             OmegaConf.merge(OmegaConf.structured(SourceConfig), item)
         except OmegaConfBaseException as err:
@@ -324,8 +337,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                 at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
                 problem = getattr(err, "problem", None) or str(err).splitlines()[0]
                 raise ConfigError("config", str(p), f"not valid YAML: {problem}{at}") from None
-            if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
-                _check_sources(raw["data"].get("sources"), source)
+            _precheck(raw, source)
             merged = OmegaConf.merge(merged, OmegaConf.create(raw))
         for item in overrides:
             if "=" not in item:
@@ -333,7 +345,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if overrides:
             source = f"{source} + overrides"
             dotted = OmegaConf.from_dotlist(list(overrides))
-            _check_sources(OmegaConf.to_container(dotted).get("data", {}).get("sources"), source)
+            _precheck(OmegaConf.to_container(dotted), source)
             merged = OmegaConf.merge(merged, dotted)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:

@@ -62,5 +62,5 @@ def global_batch_size(cfg: Config, step: int) -> int:
     if s.batch_ramp_start is None or s.batch_ramp_steps <= 0 or step > s.batch_ramp_steps:
         return target
     size = s.batch_ramp_start + (target - s.batch_ramp_start) * (step - 1) / s.batch_ramp_steps
-    inc = s.ramp_increment  # divides batch_ramp_start (Config.validate): never below the start
+    inc = s.batch_ramp_increment  # divides batch_ramp_start (Config.validate): never below the start
     return int(size) // inc * inc

@@ -73,67 +73,43 @@ import torch
 import deepspeed
 from parallel import engine as pe
 from parallel.groups import build_expert_layout
+from train.config import load_config
 
+# the DeepSpeed config bf16 runs get: ZeRO-2, gradients accumulated in fp32, clipping at 1
+cfg = load_config("configs/smoke.yaml", ["model.precision=bf16", "parallel.zero_stage=2",
+                                         "train.micro_batch_size=1", "train.global_batch_size=1"])
 pe.init_distributed("cpu", 60)
-report = {}
-for stage in (0, 1, 2):
-    torch.manual_seed(0)
-    m = torch.nn.Linear(4, 2)
-    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
-    cfg = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-           "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "bf16": {"enabled": True}}
-    engine, *_ = deepspeed.initialize(model=m, optimizer=opt, config=cfg)
-    pe.install_global_grad_norm(engine, build_expert_layout(1, 8))
-    blow = [False]
-    m.weight.register_hook(lambda g: g * float("inf") if blow[0] else g)  # finite loss, inf gradient
-    rows = []
-    for bad in (False, True, False):
-        blow[0] = bad
-        before = m.weight.detach().float().clone()
-        engine.dsv3_nonfinite = False
-        loss = engine(torch.ones(1, 4, dtype=torch.bfloat16)).float().sum()
-        engine.backward(loss)
-        engine.step()
-        rows.append({"loss_finite": bool(torch.isfinite(loss)), "skipped": pe.step_skipped(engine),
-                     "moved": (m.weight.detach().float() - before).abs().max().item()})
-    report[stage] = rows
-print(json.dumps(report))
+torch.manual_seed(0)
+m = torch.nn.Linear(4, 2)
+opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+engine, *_ = deepspeed.initialize(model=m, optimizer=opt, config=pe.deepspeed_config(cfg, 1, bf16=True))
+pe.install_global_grad_norm(engine, build_expert_layout(1, 8))
+blow = [False]
+m.weight.register_hook(lambda g: g * float("inf") if blow[0] else g)  # finite loss, inf gradient
+rows = []
+for bad in (False, True, False):
+    blow[0] = bad
+    before = m.weight.detach().float().clone()
+    engine.dsv3_nonfinite = False
+    loss = engine(torch.ones(1, 4, dtype=torch.bfloat16)).float().sum()
+    engine.backward(loss)
+    engine.step()
+    rows.append({"loss_finite": bool(torch.isfinite(loss)), "skipped": pe.step_skipped(engine),
+                 "moved": (m.weight.detach().float() - before).abs().max().item()})
+print(json.dumps(rows))
 """
 
 
 def test_bf16_optimizers_report_their_skipped_steps():
-    """DeepSpeed's bf16 optimizers check for overflow before any norm and skip the step without
+    """DeepSpeed's bf16 optimizer checks for overflow before any norm and skips the step without
     computing ours; step_skipped must still say so (the loop counts it and skips the bias update)."""
     proc = subprocess.run([sys.executable, "-c", OVERFLOW_WORKER], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(report) == {"0", "1", "2"}
-    for stage, (good, bad, after) in report.items():
-        assert bad["loss_finite"] and bad["skipped"] and bad["moved"] == 0.0, (stage, bad)
-        for row in (good, after):
-            assert not row["skipped"] and row["moved"] > 0, (stage, row)
-
-
-def test_routing_biases_survive_the_bf16_cast_exactly():
-    """DeepSpeed's bf16 engine casts the module, buffers included; build_engine takes the biases
-    first and puts them back in fp32, so imported values keep every bit (not bf16's 8)."""
-    import torch
-
-    from parallel.engine import keep_router_bias_fp32, router_biases
-
-    from .helpers import build
-
-    model = build(seed=0)
-    for i, moe in enumerate(model.moe_layers()):
-        moe.gate.e_score_correction_bias.copy_(torch.linspace(-0.0123457, 0.0123457, moe.cfg.n_routed_experts) * (i + 1))
-    want = router_biases(model)
-    model.to(torch.bfloat16)
-    assert any(not torch.equal(m.gate.e_score_correction_bias.float(), w) for m, w in zip(model.moe_layers(), want))
-    keep_router_bias_fp32(model, want)
-    for moe, w in zip(model.moe_layers(), want):
-        assert moe.gate.e_score_correction_bias.dtype == torch.float32
-        assert torch.equal(moe.gate.e_score_correction_bias, w)
+    good, bad, after = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert bad["loss_finite"] and bad["skipped"] and bad["moved"] == 0.0, bad
+    for row in (good, after):
+        assert not row["skipped"] and row["moved"] > 0, row
 
 
 ACCUM_WORKER = r"""
@@ -183,3 +159,62 @@ def test_bf16_gradients_accumulate_in_fp32():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["dtype"] == "torch.float32"
     assert all(abs(g - 0.5005) < 2e-6 for g in report["grad"]), report
+
+
+BIAS_WORKER = r"""
+import json, sys
+import torch
+from model import DeepSeekV3
+from parallel import engine as pe
+from train.config import load_config
+
+cfg = load_config("configs/smoke.yaml", [*sys.argv[1:], "model.precision=bf16", "parallel.zero_stage=2"])
+info = pe.init_distributed("cpu", 60)
+torch.manual_seed(0)
+model = DeepSeekV3(cfg.model)
+for i, moe in enumerate(model.moe_layers()):  # e.g. imported biases: more bits than bf16 holds
+    moe.gate.e_score_correction_bias.copy_(torch.linspace(-0.0123457, 0.0123457, cfg.model.n_routed_experts) * (i + 1))
+want = pe.router_biases(model)
+engine, _ = pe.build_engine(model, cfg, info)
+got = [moe.gate.e_score_correction_bias for moe in engine.module.moe_layers()]
+print(json.dumps({"weight_dtype": str(next(engine.module.parameters()).dtype),
+                  "dtypes": [str(b.dtype) for b in got],
+                  "exact": [bool(torch.equal(b, w)) for b, w in zip(got, want)],
+                  "bf16_would_round": [not torch.equal(w.bfloat16().float(), w) for w in want]}))
+"""
+
+
+def test_routing_biases_keep_every_bit_through_the_bf16_engine():
+    """Through build_engine with the installed DeepSpeed, the routing biases come out fp32 and exact.
+    DeepSpeed 0.19 casts parameters only; 0.16-0.18 (which pyproject allows) cast the whole module,
+    buffers included, which the next test reproduces."""
+    proc = subprocess.run([sys.executable, "-c", BIAS_WORKER, *TINY], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["weight_dtype"] == "torch.bfloat16"  # the engine did cast the module
+    assert all(report["bf16_would_round"])  # so a cast-back would have lost bits
+    assert report["dtypes"] and all(d == "torch.float32" for d in report["dtypes"])
+    assert all(report["exact"]), report
+
+
+def test_routing_biases_survive_a_whole_module_bf16_cast():
+    """What build_engine does around deepspeed.initialize, against a cast of the whole module
+    (DeepSpeed before 0.19): the biases taken first are put back in fp32, bit for bit, where
+    casting the rounded values back up would keep bf16's 8 bits."""
+    import torch
+
+    from parallel.engine import keep_router_bias_fp32, router_biases
+
+    from .helpers import build
+
+    model = build(seed=0)
+    for i, moe in enumerate(model.moe_layers()):
+        moe.gate.e_score_correction_bias.copy_(torch.linspace(-0.0123457, 0.0123457, moe.cfg.n_routed_experts) * (i + 1))
+    want = router_biases(model)
+    model.to(torch.bfloat16)
+    assert all(not torch.equal(m.gate.e_score_correction_bias.float(), w) for m, w in zip(model.moe_layers(), want))
+    keep_router_bias_fp32(model, want)
+    for moe, w in zip(model.moe_layers(), want):
+        assert moe.gate.e_score_correction_bias.dtype == torch.float32
+        assert torch.equal(moe.gate.e_score_correction_bias, w)

@@ -58,9 +58,9 @@ def test_batch_ramp_gamma_and_lambda():
     sizes = [schedule.global_batch_size(cfg, s) for s in range(1, 13)]
     # 16 + 48·(s−1)/10 rounded down to a multiple of 8, then the target from step 11 on
     assert sizes == [16, 16, 24, 24, 32, 40, 40, 48, 48, 56, 64, 64]
-    # without an increment the ramp moves in multiples of its start
+    # an increment of the start's size: the ramp moves in whole starts
     coarse = cfg_with("train.global_batch_size=64", "train.micro_batch_size=4", "schedule.batch_ramp_start=16",
-                      "schedule.batch_ramp_steps=10")
+                      "schedule.batch_ramp_steps=10", "schedule.batch_ramp_increment=16")
     assert [schedule.global_batch_size(coarse, s) for s in range(1, 13)] == [16] * 4 + [32] * 3 + [48] * 3 + [64] * 2
     assert schedule.bias_update_rate(cfg, 4) == 1e-3 and schedule.bias_update_rate(cfg, 5) == 0.0
     assert schedule.mtp_weight(cfg, 2) == 0.3 and schedule.mtp_weight(cfg, 3) == 0.1

@@ -30,12 +30,16 @@ def test_smoke_loads_and_overrides_apply():
         ("schedule.lr=linear", "schedule.lr"),
         ("schedule.batch_ramp_start=32", "schedule.batch_ramp_start"),  # above the global batch (16)
         ("schedule.batch_ramp_start=0", "schedule.batch_ramp_start"),
+        ("schedule.batch_ramp_start=8", "schedule.batch_ramp_increment"),  # a ramp needs its increment
         ("train.max_bad_steps=0", "train.max_bad_steps"),
         ("model.precision=bf16", "parallel.zero_stage"),  # bf16 gradients accumulate in fp32 at ZeRO-2 only
         ("schedule.bias_update_rate=-1e-3", "schedule.bias_update_rate"),
         ("schedule.mtp_weight_late=-0.1", "schedule.mtp_weight_late"),
         ("data.sources=[{kind: shakespeare}, {kind: txt, pth: x}]", "data.sources[1].pth"),  # names the entry
         ("data.sources=[{kind: txt, path: x, weight: heavy}]", "data.sources[0].weight"),
+        ("data.sources=[plays]", "data.sources"),  # not a mapping
+        ("data.sources=[null]", "data.sources"),
+        ("data=5", "data"),
     ],
 )
 def test_bad_values_name_key_and_file(override, key):
