@@ -152,18 +152,13 @@ def router_biases(model: DeepSeekV3) -> list[torch.Tensor]:
     return [moe.gate.e_score_correction_bias.detach().float().clone() for moe in model.moe_layers()]
 
 
-def keep_router_bias_fp32(model: DeepSeekV3, biases: list[torch.Tensor] | None = None) -> None:
-    """A bf16 cast of the whole module (DeepSpeed before 0.19; 0.19 casts parameters only) also
-    casts buffers; the routing bias must stay fp32, since its per-step change γ = 1e-3 is below
-    bf16's resolution near typical bias values. `biases`
-    (router_biases before the cast) restores the exact values too, e.g. imported ones; without
-    it the cast-back values keep bf16's rounding."""
-    for i, moe in enumerate(model.moe_layers()):
-        b = moe.gate.e_score_correction_bias
-        if biases is not None:
-            moe.gate.e_score_correction_bias = biases[i].to(b.device)
-        elif b.dtype != torch.float32:
-            moe.gate.e_score_correction_bias = b.float()
+def keep_router_bias_fp32(model: DeepSeekV3, biases: list[torch.Tensor]) -> None:
+    """Put back `biases` (router_biases, taken before a bf16 cast) as the routing biases: fp32,
+    with every bit. A cast of the whole module (DeepSpeed before 0.19; 0.19 casts parameters only)
+    also casts buffers, and the bias must stay fp32: its per-step change γ = 1e-3 is below bf16's
+    resolution near typical bias values, and imported values would lose bits."""
+    for moe, b in zip(model.moe_layers(), biases, strict=True):
+        moe.gate.e_score_correction_bias = b.to(moe.gate.e_score_correction_bias.device)
 
 
 def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:

@@ -171,7 +171,7 @@ class Config:
         """Checks across fields and sections (ModelConfig checks itself)."""
         self.model.validate()
         t, p = self.train, self.parallel
-        for key in ("steps", "micro_batch_size", "global_batch_size", "eval_interval", "eval_batches"):
+        for key in ("steps", "micro_batch_size", "global_batch_size", "eval_interval", "eval_batches", "max_bad_steps"):
             if getattr(t, key) <= 0:
                 raise ConfigError(f"train.{key}", getattr(t, key), "must be a positive integer")
         if t.resume not in ("auto", "never") and not t.resume:
@@ -217,7 +217,8 @@ class Config:
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self.optim, key) < 1:
                 raise ConfigError(f"optim.{key}", getattr(self.optim, key), "must be in [0, 1)")
-        for key in ("warmup_steps", "decay_steps", "stable_steps", "const_until", "cosine_until", "batch_ramp_steps"):
+        for key in ("warmup_steps", "decay_steps", "stable_steps", "const_until", "cosine_until", "batch_ramp_steps",
+                    "bias_update_rate", "mtp_weight", "mtp_weight_late"):
             if getattr(self.schedule, key) < 0:
                 raise ConfigError(f"schedule.{key}", getattr(self.schedule, key), "must be >= 0")
         if self.schedule.batch_ramp_start is not None:
@@ -234,11 +235,6 @@ class Config:
             raise ConfigError("schedule.const_until", sc.const_until,
                               f"the deepseek schedule needs warmup_steps ({sc.warmup_steps}) <= const_until <= "
                               f"cosine_until ({sc.cosine_until}): warmup, then constant, then cosine")
-        if t.max_bad_steps <= 0:
-            raise ConfigError("train.max_bad_steps", t.max_bad_steps, "must be a positive integer (1: halt at the first bad step)")
-        for key in ("bias_update_rate", "mtp_weight", "mtp_weight_late"):
-            if getattr(self.schedule, key) < 0:
-                raise ConfigError(f"schedule.{key}", getattr(self.schedule, key), "must be >= 0")
         if self.data.seq_len <= self.model.num_nextn_predict_layers:
             raise ConfigError("data.seq_len", self.data.seq_len,
                               f"must exceed model.num_nextn_predict_layers={self.model.num_nextn_predict_layers} "
