@@ -29,6 +29,16 @@ def straight_run(tiny_data, tmp_path_factory) -> Path:
     return run
 
 
+def _straight_and_resumed(tmp_path: Path, overrides: list[str], stop: int, end: int) -> tuple[Path, Path]:
+    """Two runs of smoke.yaml + overrides: one straight to step `end`, one stopped at `stop` and
+    resumed to `end`. Returns their run directories."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_cli("train", "configs/smoke.yaml", *overrides, f"train.run_dir={straight}", f"train.steps={end}")
+    for steps in (stop, end):
+        run_cli("train", "configs/smoke.yaml", *overrides, f"train.run_dir={stopped}", f"train.steps={steps}")
+    return straight, stopped
+
+
 def test_resume_is_bit_exact(tiny_data, straight_run, tmp_path):
     run = tmp_path / "stopped"
     run_cli("train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}", "train.steps=4")
@@ -51,10 +61,7 @@ def test_batch_ramp_steps_at_step_boundaries_and_resumes_exactly(tiny_data, tmp_
     resumed run must equal the straight one and report the ramp's batch sizes."""
     ramp = [*tiny_data, "train.global_batch_size=12", "schedule.batch_ramp_start=4", "schedule.batch_ramp_steps=3",
             "schedule.batch_ramp_increment=4", "checkpoint.interval=3"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    run_cli("train", "configs/smoke.yaml", *ramp, f"train.run_dir={straight}", "train.steps=6")
-    run_cli("train", "configs/smoke.yaml", *ramp, f"train.run_dir={stopped}", "train.steps=3")
-    run_cli("train", "configs/smoke.yaml", *ramp, f"train.run_dir={stopped}", "train.steps=6")
+    straight, stopped = _straight_and_resumed(tmp_path, ramp, stop=3, end=6)
     assert losses(straight) == losses(stopped)
     assert set(losses(straight)) == set(range(7))
     assert [r["batch_size"] for r in rows(stopped) if r["step"] > 0] == [4, 4, 8, 12, 12, 12]
@@ -63,11 +70,8 @@ def test_batch_ramp_steps_at_step_boundaries_and_resumes_exactly(tiny_data, tmp_
 def test_bf16_zero2_trains_and_resumes_exactly_on_cpu(tiny_data, tmp_path):
     """The GPU configs' precision (bf16 weights, fp32 masters and gradients, ZeRO-2) through the real
     engine on CPU: it trains, and a run stopped at step 2 and resumed equals the straight one."""
-    bf16 = [*tiny_data, "model.precision=bf16", "parallel.zero_stage=2", "train.steps=4", "train.eval_interval=2"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    run_cli("train", "configs/smoke.yaml", *bf16, f"train.run_dir={straight}")
-    run_cli("train", "configs/smoke.yaml", *bf16, f"train.run_dir={stopped}", "train.steps=2")
-    run_cli("train", "configs/smoke.yaml", *bf16, f"train.run_dir={stopped}")
+    bf16 = [*tiny_data, "model.precision=bf16", "parallel.zero_stage=2", "train.eval_interval=2"]
+    straight, stopped = _straight_and_resumed(tmp_path, bf16, stop=2, end=4)
     assert losses(straight) == losses(stopped)
     vals = val_losses(straight)
     assert vals[4] < vals[0]

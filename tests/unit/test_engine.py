@@ -51,13 +51,19 @@ print(json.dumps(report))
 """
 
 
+def _run_worker(source: str, *args: str):
+    """Run a worker script in a fresh process (the engine needs a process group of its own);
+    returns the JSON of its last stdout line."""
+    proc = subprocess.run([sys.executable, "-c", source, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_single_process_engine_matches_plain_adamw():
     # a large LR so three steps move every weight well beyond rounding; clipping active (max norm 0.05)
     args = [*TINY, "optim.lr=1e-2", "optim.grad_clip=0.05"]
-    proc = subprocess.run([sys.executable, "-c", WORKER, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = _run_worker(WORKER, *args)
     # one process at ZeRO-0: DeepSpeed's flatten / all-reduce / copy-back of every gradient is skipped
     assert report["backward_allreduce"] is False
     for ours, ref in report["norms"]:
@@ -103,10 +109,7 @@ print(json.dumps(rows))
 def test_bf16_optimizers_report_their_skipped_steps():
     """DeepSpeed's bf16 optimizer checks for overflow before any norm and skips the step without
     computing ours; step_skipped must still say so (the loop counts it and skips the bias update)."""
-    proc = subprocess.run([sys.executable, "-c", OVERFLOW_WORKER], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    good, bad, after = json.loads(proc.stdout.strip().splitlines()[-1])
+    good, bad, after = _run_worker(OVERFLOW_WORKER)
     assert bad["loss_finite"] and bad["skipped"] and bad["moved"] == 0.0, bad
     for row in (good, after):
         assert not row["skipped"] and row["moved"] > 0, row
@@ -153,10 +156,7 @@ def test_bf16_gradients_accumulate_in_fp32():
     """The DeepSpeed config we build for bf16: micro-batch gradients 1.0 and 1e-3 (each halved for
     the two-step average) must reach the optimizer as 0.5005. Summed in bf16 (8 bits of mantissa,
     DeepSpeed's default) 0.5 + 0.0005 rounds back to 0.5."""
-    proc = subprocess.run([sys.executable, "-c", ACCUM_WORKER], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = _run_worker(ACCUM_WORKER)
     assert report["dtype"] == "torch.float32"
     assert all(abs(g - 0.5005) < 2e-6 for g in report["grad"]), report
 
@@ -188,10 +188,7 @@ def test_routing_biases_keep_every_bit_through_the_bf16_engine():
     """Through build_engine with the installed DeepSpeed, the routing biases come out fp32 and exact.
     DeepSpeed 0.19 casts parameters only; 0.16-0.18 (which pyproject allows) cast the whole module,
     buffers included, which the next test reproduces."""
-    proc = subprocess.run([sys.executable, "-c", BIAS_WORKER, *TINY], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = _run_worker(BIAS_WORKER, *TINY)
     assert report["weight_dtype"] == "torch.bfloat16"  # the engine did cast the module
     assert all(report["bf16_would_round"])  # so a cast-back would have lost bits
     assert report["dtypes"] and all(d == "torch.float32" for d in report["dtypes"])
