@@ -335,48 +335,61 @@ def _expert_files(ckpt: Path, prefix: str) -> list[Path]:
     return sorted(files, key=lambda f: int(f.name.split("-ep")[1].split("-of-")[0]))
 
 
-def _read(files: list[Path], names: set[str] | None = None) -> dict[str, list[torch.Tensor]]:
-    """name -> tensors from each file holding it, in file order."""
-    out: dict[str, list[torch.Tensor]] = {}
+def _read_dense(f: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(f), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}
+
+
+def _read_expert_rows(files: list[Path], experts: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+    """name -> experts [first, last) (all of them for None) of each stacked expert tensor whose
+    shards lie in `files`, in shard order. Only the rows asked for are read (safetensors slices),
+    so an EP rank never holds the other ranks' experts."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    held: dict[str, int] = {}  # experts seen so far per name: the next shard's first global id
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():
-                if names is None or k in names:
-                    out.setdefault(k, []).append(fh.get_tensor(k))
+                piece = fh.get_slice(k)
+                start = held.get(k, 0)
+                held[k] = start + piece.get_shape()[0]
+                lo, hi = (start, held[k]) if experts is None else (max(experts[0], start), min(experts[1], held[k]))
+                if lo < hi:
+                    parts.setdefault(k, []).append(piece[lo - start:hi - start])
+    out = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
+    if experts is not None:
+        for k, n in held.items():
+            if k not in out or out[k].shape[0] != experts[1] - experts[0]:
+                raise ValueError(f"{files[0].parent}: {k} holds {n} experts; experts [{experts[0]}, {experts[1]}) "
+                                 "were asked for")
     return out
 
 
-def read_full(ckpt: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """Every tensor of one kind ("model" or "optim") with experts concatenated whole."""
+def read_tensors(ckpt: Path, prefix: str, experts: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of one kind ("model" or "optim"): dense ones whole, stacked expert tensors
+    holding experts [first, last) of `experts` (all of them for None)."""
     dense = ckpt / f"{prefix}-dense.safetensors"
     if not dense.is_file():
         raise FileNotFoundError(f"{ckpt}: no {dense.name} (not a dsv3 checkpoint, or an incomplete one)")
-    out = {k: v[0] for k, v in _read([dense]).items()}
-    for k, parts in _read(_expert_files(ckpt, prefix)).items():
-        out[k] = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return out
+    return {**_read_dense(dense), **_read_expert_rows(_expert_files(ckpt, prefix), experts)}
 
 
 def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """The model's full state dict from a checkpoint directory (sample, export, weights-only start)."""
-    return read_full(ckpt, "model")
+    return read_tensors(ckpt, "model")
 
 
 def load(engine, layout, ckpt: Path) -> dict:
     """Restore model and optimizer state into this rank's (possibly resharded) engine; returns
     the client state (step, data position, RNG)."""
-    weights = read_full(ckpt, "model")
-    moments = read_full(ckpt, "optim")
+    weights = read_tensors(ckpt, "model", layout.expert_range)
+    moments = read_tensors(ckpt, "optim", layout.expert_range)
     client = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-    load_weights_into(engine, layout, weights)
-    first, last = layout.expert_range
+    load_weights_into(engine, weights)
     partitioned = _zero_partitioned(engine)
     _link_optimizer_state(engine)
     for name, p in engine.module.named_parameters():
         for key in ADAM_KEYS:
             value = moments[f"{key}.{name}"]
-            if is_expert_name(name):
-                value = value[first:last]
             if partitioned:
                 from deepspeed.utils import safe_set_full_optimizer_state
 
@@ -403,9 +416,9 @@ def load(engine, layout, ckpt: Path) -> dict:
     return client
 
 
-def load_weights_into(engine, layout, weights: dict[str, torch.Tensor]) -> None:
-    """Set module parameters (and ZeRO's fp32 masters) and routing biases from full tensors."""
-    first, last = layout.expert_range
+def load_weights_into(engine, weights: dict[str, torch.Tensor]) -> None:
+    """Set module parameters (and ZeRO's fp32 masters) and routing biases from `weights`
+    (read_tensors with this rank's expert range: expert tensors hold its experts only)."""
     partitioned = _zero_partitioned(engine)
     missing = [n for n, _ in engine.module.named_parameters() if n not in weights]
     if missing:
@@ -413,8 +426,6 @@ def load_weights_into(engine, layout, weights: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, p in engine.module.named_parameters():
             value = weights[name]
-            if is_expert_name(name):
-                value = value[first:last]
             if value.shape != p.shape:
                 raise ValueError(f"checkpoint tensor {name} has shape {tuple(value.shape)}, model {tuple(p.shape)}")
             p.copy_(value.to(p.dtype))
