@@ -246,7 +246,7 @@ def from_pretrained(path: str | Path, **overrides) -> DeepSeekV3:
             raise ValueError(f"{path}: {k} has shape {tuple(ours[k].shape)}, config expects {tuple(v.shape)}")
     model.to_empty(device="cpu")
     if fresh_mtp:
-        init_weights(model.mtp, cfg.initializer_range)
+        init_weights(model.mtp, cfg.initializer_range, model.init_seed, prefix="mtp")
         model.load_state_dict({k: ours[k].to(v.dtype) for k, v in expected.items() if k in ours}, strict=False)
     else:
         model.load_state_dict({k: ours[k].to(v.dtype) for k, v in expected.items()}, strict=True)

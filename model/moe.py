@@ -97,6 +97,7 @@ class RoutedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, impl: str = "grouped"):
         super().__init__()
         self.num_experts, self.impl = num_experts, impl
+        self.first_expert = 0  # global id of the first expert held here (an EP shard's differs; init_weights)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         # (x, w, counts) -> rows; parallel/fp8.py swaps in an FP8 GEMM from outside

@@ -3,6 +3,8 @@ output head, optional MTP modules, and the training losses."""
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -19,16 +21,40 @@ from .rope import RotaryEmbedding
 
 
 @torch.no_grad()
-def init_weights(module: nn.Module, std: float) -> None:
-    """Report §4.2: every weight matrix N(0, std=0.006); norms 1; correction biases 0."""
-    for name, p in module.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        else:
-            p.normal_(0.0, std)
-    for m in module.modules():
-        if hasattr(m, "e_score_correction_bias"):
-            m.e_score_correction_bias.zero_()
+def init_weights(module: nn.Module, std: float, seed: int, prefix: str = "") -> None:
+    """Report §4.2: every weight matrix N(0, std=0.006); norms 1; routing correction biases 0.
+
+    Every weight draws from a generator of its own, seeded by (seed, the parameter's name in
+    the model; `prefix` is the name of `module` there), and a stacked expert weight
+    (RoutedExperts: experts along dim 0) seeds each expert's slice by its global expert id.
+    So no value depends on which other parameters exist: an expert-parallel rank that builds
+    only experts 8..15 (parallel/expert_parallel.py) gets exactly the values one process holds
+    there, and a model built on the meta device and materialised equals one built directly.
+    Values are drawn on the CPU, so they are the same on every device. Meta tensors are
+    skipped (nothing to fill).
+    """
+    for mod_name, mod in module.named_modules(prefix=prefix):
+        first_expert = getattr(mod, "first_expert", None)  # set by RoutedExperts and its EP shard
+        for name, p in mod.named_parameters(prefix=mod_name, recurse=False):
+            if p.is_meta:
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif first_expert is None:
+                p.copy_(_seeded_normal(p.shape, std, seed, name))
+            else:
+                for i in range(p.shape[0]):
+                    p[i].copy_(_seeded_normal(p.shape[1:], std, seed, f"{name}[{first_expert + i}]"))
+        bias = getattr(mod, "e_score_correction_bias", None)
+        if bias is not None and not bias.is_meta:
+            bias.zero_()
+
+
+def _seeded_normal(shape: torch.Size, std: float, seed: int, key: str) -> torch.Tensor:
+    """N(0, std) fp32 CPU values from a generator seeded by (seed, key)."""
+    digest = hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return torch.empty(shape, device="cpu").normal_(0.0, std, generator=g)
 
 
 class DecoderLayer(nn.Module):
@@ -71,6 +97,10 @@ class DeepSeekV3(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # One draw from torch's global RNG seeds every weight (init_weights), so torch.manual_seed(s)
+        # before construction fixes the model as for any torch module, on the meta device too. It
+        # comes first: the submodules' own default inits draw from that RNG, but not on meta.
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, moe=i >= cfg.first_k_dense_replace) for i in range(cfg.num_hidden_layers)
@@ -90,7 +120,23 @@ class DeepSeekV3(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init_weights(self, self.cfg.initializer_range)
+        """Initial values into every parameter with storage (meta ones are skipped)."""
+        init_weights(self, self.cfg.initializer_range, self.init_seed)
+
+    def materialize(self, device: torch.device | str = "cpu") -> DeepSeekV3:
+        """Storage on `device` and initial values for a model built on the meta device
+        (`with torch.device("meta"): DeepSeekV3(cfg)`), after any reshaping such as expert
+        parallelism's, so a rank only ever allocates what it holds (values are drawn on the CPU
+        one weight at a time and copied over). A model with storage is returned as it is."""
+        if any(t.is_meta for t in itertools.chain(self.parameters(), self.buffers())):
+            # to_empty makes new Parameter objects: carry over attributes set on the old ones
+            # (expert parallelism marks its parameters for DeepSpeed)
+            marks = {name: dict(vars(p)) for name, p in self.named_parameters() if vars(p)}
+            self.to_empty(device=device)
+            for name, p in self.named_parameters():
+                vars(p).update(marks.get(name, {}))
+            self.reset_parameters()
+        return self
 
     # ------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

@@ -104,8 +104,9 @@ def deepspeed_config(cfg, world_size: int, bf16: bool) -> dict:
 
 
 def build_engine(model: DeepSeekV3, cfg, info: DistInfo):
-    """Switch on activation checkpointing when configured, shard the experts (EP), wrap the model
-    in a DeepSpeed engine; returns (engine, layout)."""
+    """Switch on activation checkpointing when configured, shard the experts (EP), materialise a
+    meta-device model (this rank's experts only), wrap the model in a DeepSpeed engine; returns
+    (engine, layout)."""
     import deepspeed
 
     precision = cfg.model.precision
@@ -113,7 +114,7 @@ def build_engine(model: DeepSeekV3, cfg, info: DistInfo):
     layout = build_expert_layout(cfg.parallel.ep, cfg.model.n_routed_experts)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     apply_expert_parallel(model, layout)
-    model.to(info.device)
+    model.materialize(info.device).to(info.device)
     apply_fp8(model, cfg, info.device, verbose=info.rank == 0)  # FP8 GEMMs in before the optimizer sees params
     o = cfg.optim
     optimizer = torch.optim.AdamW(

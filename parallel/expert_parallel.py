@@ -73,8 +73,11 @@ class ExpertParallelExperts(RoutedExperts, _deepspeed_moe_base()):
             if not key.startswith("_") and key != "training":
                 setattr(self, key, value)
         first, last = layout.expert_range
+        # On a meta-device model (training builds one) these slices are shapes only: the rank
+        # allocates and initialises just its experts when the model is materialised.
         self.gate_up_proj = nn.Parameter(full.gate_up_proj.detach()[first:last].clone())
         self.down_proj = nn.Parameter(full.down_proj.detach()[first:last].clone())
+        self.first_expert = first
         local = layout.local_experts
         self.layout = layout
         self.num_local_experts = local

@@ -164,7 +164,8 @@ def bench(cfg, steps: int = 10, warmup: int = 2, profile: bool = True, log=None)
     world = info.world_size
     cfg.batch_layout(world)
     torch.manual_seed(cfg.train.seed)
-    model = DeepSeekV3(cfg.model)
+    with torch.device("meta"):  # as in training: build_engine materialises this rank's part only
+        model = DeepSeekV3(cfg.model)
     engine, _ = pe.build_engine(model, cfg, info)
     engine.train()
 

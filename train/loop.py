@@ -150,12 +150,11 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     resume_from = ckpt_io.resolve_resume(cfg.train.resume, run_dir, log=lambda m: _log0(rank, m))
 
     torch.manual_seed(cfg.train.seed)
-    model = DeepSeekV3(cfg.model)
+    with torch.device("meta"):  # storage comes in build_engine, once EP has left this rank its experts only
+        model = DeepSeekV3(cfg.model)
     meta = ckpt_io.read_meta(resume_from) if resume_from else None
     if meta:
         ckpt_io.check_model_matches(meta, cfg.model, resume_from)
-        if meta.get("weights_only"):
-            model.load_state_dict(ckpt_io.load_model_weights(resume_from))
     engine, layout = pe.build_engine(model, cfg, info)
 
     train_samples = TokenSamples(cfg, "train")
@@ -177,6 +176,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         ckpt_io.set_rng_state(client["rng"])
         _log0(rank, f"resumed from {resume_from} at step {step}")
     elif meta:
+        ckpt_io.load_weights_into(engine, ckpt_io.read_tensors(resume_from, "model", layout.expert_range))
         _log0(rank, f"starting from the weights in {resume_from} (step 0, fresh optimizer)")
 
     if resume_from is not None:  # continuing a run on other data would be silently wrong

@@ -1,8 +1,9 @@
 """One rank of an expert-parallel equivalence check (run under torchrun by test_expert_parallel.py).
 
 Every rank builds the same seeded model twice: a plain single-process reference, trained with
-torch's AdamW and clip_grad_norm_ on the whole global batch, and the real thing — experts
-sharded by parallel/, wrapped by the DeepSpeed engine — fed this rank's share of the batch.
+torch's AdamW and clip_grad_norm_ on the whole global batch, and the real thing — built on the
+meta device, experts sharded by parallel/ so the rank materialises only its own, wrapped by the
+DeepSpeed engine — fed this rank's share of the batch.
 It writes the largest differences it sees (logits, loss, gradients, grad norm, parameters and
 routing biases after 5 optimizer steps) to OUT/rank{r}.json for the test to judge. With
 `checkpointing` the real thing runs with train.activation_checkpointing (the reference without).
@@ -12,7 +13,6 @@ routing biases after 5 optimizer steps) to OUT/rank{r}.json for the test to judg
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from pathlib import Path
@@ -49,14 +49,17 @@ def main(out: Path, ep: int, zero: int, skew: bool, checkpointing: bool) -> None
 
     transformer.checkpoint = counting_checkpoint
     torch.manual_seed(0)
-    model = DeepSeekV3(cfg.model)
-    if skew:  # every token picks experts 0 and 1, which live on rank 0 of each EP group
-        for moe in model.moe_layers():
-            moe.gate.e_score_correction_bias[:2] = 10.0
-    ref = copy.deepcopy(model)
+    ref = DeepSeekV3(cfg.model)
     ref_opt = torch.optim.AdamW(pe.param_groups(ref, 0.1), lr=LR, betas=(0.9, 0.95), eps=1e-8, fused=True)
-
+    # the real thing is built as training builds it: on the meta device, each rank then
+    # materialising only its experts; the same seed must give the reference's values
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = DeepSeekV3(cfg.model)
     engine, layout = pe.build_engine(model, cfg, info)
+    if skew:  # every token picks experts 0 and 1, which live on rank 0 of each EP group
+        for moe in [*ref.moe_layers(), *engine.module.moe_layers()]:
+            moe.gate.e_score_correction_bias[:2] = 10.0
     for group in engine.optimizer.param_groups:
         group["lr"] = LR
     first, last = layout.expert_range

@@ -40,3 +40,29 @@ def test_resume_across_ep_and_world_sizes(tiny_data, tmp_path):
     for name, w in weights.items():
         for k, v in w.items():
             torch.testing.assert_close(v, weights["ep2_w2_zero2"][k], atol=1e-5, rtol=0, msg=f"{name} {k}")
+
+
+def test_weights_only_start_under_expert_parallelism(tiny_data, tmp_path):
+    """A weights-only checkpoint (what import-hf writes) starts an EP=2 run on 2 ranks (ZeRO-2)
+    from exactly the weights one process starts from: each rank reads its own experts."""
+    from model import DeepSeekV3
+    from train import checkpoint as ckpt_io
+    from train.config import load_config
+
+    cfg = load_config("configs/smoke.yaml", tiny_data)
+    torch.manual_seed(7)
+    model = DeepSeekV3(cfg.model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)  # far from any fresh init: step 0's val loss shows whose weights run
+    init = ckpt_io.save_weights_only(model.state_dict(), tmp_path / "init", cfg.model)
+    base = [*tiny_data, "train.steps=1", "checkpoint.interval=100"]
+    first = {}
+    for name, nproc, extra in (("one", None, ["parallel.ep=1"]),
+                               ("ep2", 2, ["parallel.ep=2", "parallel.zero_stage=2"]),
+                               ("fresh", None, ["parallel.ep=1", "train.resume=never"])):
+        run = tmp_path / name
+        resume = [] if name == "fresh" else [f"train.resume={init}"]
+        run_cli("train", "configs/smoke.yaml", *base, *resume, *extra, f"train.run_dir={run}", nproc=nproc)
+        first[name] = (rows(run)[0]["val_loss"], [r for r in rows(run) if r["step"] == 1][0]["loss"])
+    assert abs(first["one"][0] - first["fresh"][0]) > 0.5, first
+    assert all(abs(a - b) <= 1e-5 for a, b in zip(first["ep2"], first["one"])), first
