@@ -21,6 +21,7 @@ checkpoint (`dsv3 import-hf`) has only the model files and `"weights_only": true
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -282,18 +283,23 @@ def save(engine, layout, run_dir: Path, step: int, client_state: dict, model_cfg
         partial.mkdir(parents=True)
     _barrier()
     _link_optimizer_state(engine)
+    writes_experts = layout.rank < layout.ep  # first replica of each shard
     dense, dense_opt, experts, experts_opt = {}, {}, {}, {}
     for name, p in engine.module.named_parameters():
+        # every rank takes part in the gathers; only a rank that writes the tensor keeps it (at
+        # 671B the dense tensors alone are ~210 GB with their moments)
         value = _full_master(engine, p)
         moments = {k: _full_adam(engine, p, k) for k in ADAM_KEYS}
-        target, target_opt = (experts, experts_opt) if is_expert_name(name) else (dense, dense_opt)
+        expert = is_expert_name(name)
+        if not (writes_experts if expert else rank == 0):
+            continue
+        target, target_opt = (experts, experts_opt) if expert else (dense, dense_opt)
         target[name] = value
         for k, v in moments.items():
             target_opt[f"{k}.{name}"] = v
     for name, b in engine.module.named_buffers():
         if name.endswith("e_score_correction_bias"):
             dense[name] = b.detach().float().cpu()
-    writes_experts = layout.rank < layout.ep  # first replica of each shard
     try:
         if writes_experts:
             model_file, optim_file = _writer_files(layout.ep, layout.ep_rank)
@@ -335,42 +341,64 @@ def _expert_files(ckpt: Path, prefix: str) -> list[Path]:
     return sorted(files, key=lambda f: int(f.name.split("-ep")[1].split("-of-")[0]))
 
 
-def _read_dense(f: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(f), framework="pt") as fh:
-        return {k: fh.get_tensor(k) for k in fh.keys()}
+class TensorReader:
+    """The tensors of one kind ("model" or "optim") of a checkpoint, each read from disk when it
+    is asked for, so a rank holds one at a time: dense tensors whole, stacked expert tensors
+    only experts [first, last) of `experts` (all of them for None), read as row slices of
+    however many shard files the checkpoint was saved with. A rank never reads another rank's
+    experts. Use as a context manager: the files stay open inside it."""
 
+    def __init__(self, ckpt: Path, prefix: str, experts: tuple[int, int] | None = None):
+        dense = ckpt / f"{prefix}-dense.safetensors"
+        if not dense.is_file():
+            raise FileNotFoundError(f"{ckpt}: no {dense.name} (not a dsv3 checkpoint, or an incomplete one)")
+        self.ckpt, self.experts = ckpt, experts
+        self._files = contextlib.ExitStack()
+        try:
+            self._dense = self._files.enter_context(safe_open(str(dense), framework="pt"))
+            self._shards = [self._files.enter_context(safe_open(str(f), framework="pt"))
+                            for f in _expert_files(ckpt, prefix)]
+        except BaseException:
+            self._files.close()
+            raise
+        self._dense_keys = set(self._dense.keys())
+        self._expert_keys = {k for fh in self._shards for k in fh.keys()}
 
-def _read_expert_rows(files: list[Path], experts: tuple[int, int] | None) -> dict[str, torch.Tensor]:
-    """name -> experts [first, last) (all of them for None) of each stacked expert tensor whose
-    shards lie in `files`, in shard order. Only the rows asked for are read (safetensors slices),
-    so an EP rank never holds the other ranks' experts."""
-    parts: dict[str, list[torch.Tensor]] = {}
-    held: dict[str, int] = {}  # experts seen so far per name: the next shard's first global id
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                piece = fh.get_slice(k)
-                start = held.get(k, 0)
-                held[k] = start + piece.get_shape()[0]
-                lo, hi = (start, held[k]) if experts is None else (max(experts[0], start), min(experts[1], held[k]))
-                if lo < hi:
-                    parts.setdefault(k, []).append(piece[lo - start:hi - start])
-    out = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
-    if experts is not None:
-        for k, n in held.items():
-            if k not in out or out[k].shape[0] != experts[1] - experts[0]:
-                raise ValueError(f"{files[0].parent}: {k} holds {n} experts; experts [{experts[0]}, {experts[1]}) "
-                                 "were asked for")
-    return out
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._files.close()
+
+    def keys(self) -> set[str]:
+        return self._dense_keys | self._expert_keys
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._dense_keys or key in self._expert_keys
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._dense_keys:
+            return self._dense.get_tensor(key)
+        if key not in self._expert_keys:
+            raise KeyError(f"{self.ckpt}: no tensor {key}")
+        parts, start = [], 0  # start: global id of the current shard's first expert
+        for fh in self._shards:
+            piece = fh.get_slice(key)
+            end = start + piece.get_shape()[0]
+            lo, hi = (start, end) if self.experts is None else (max(self.experts[0], start), min(self.experts[1], end))
+            if lo < hi:
+                parts.append(piece[lo - start:hi - start])
+            start = end
+        first, last = self.experts or (0, start)
+        if sum(t.shape[0] for t in parts) != last - first:
+            raise ValueError(f"{self.ckpt}: {key} holds {start} experts; experts [{first}, {last}) were asked for")
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def read_tensors(ckpt: Path, prefix: str, experts: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of one kind ("model" or "optim"): dense ones whole, stacked expert tensors
-    holding experts [first, last) of `experts` (all of them for None)."""
-    dense = ckpt / f"{prefix}-dense.safetensors"
-    if not dense.is_file():
-        raise FileNotFoundError(f"{ckpt}: no {dense.name} (not a dsv3 checkpoint, or an incomplete one)")
-    return {**_read_dense(dense), **_read_expert_rows(_expert_files(ckpt, prefix), experts)}
+    """Every tensor TensorReader gives, in memory at once."""
+    with TensorReader(ckpt, prefix, experts) as reader:
+        return {k: reader[k] for k in sorted(reader.keys())}
 
 
 def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -381,22 +409,22 @@ def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 def load(engine, layout, ckpt: Path) -> dict:
     """Restore model and optimizer state into this rank's (possibly resharded) engine; returns
     the client state (step, data position, RNG)."""
-    weights = read_tensors(ckpt, "model", layout.expert_range)
-    moments = read_tensors(ckpt, "optim", layout.expert_range)
     client = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-    load_weights_into(engine, weights)
+    with TensorReader(ckpt, "model", layout.expert_range) as weights:
+        load_weights_into(engine, weights)
     partitioned = _zero_partitioned(engine)
     _link_optimizer_state(engine)
-    for name, p in engine.module.named_parameters():
-        for key in ADAM_KEYS:
-            value = moments[f"{key}.{name}"]
-            if partitioned:
-                from deepspeed.utils import safe_set_full_optimizer_state
+    with TensorReader(ckpt, "optim", layout.expert_range) as moments:
+        for name, p in engine.module.named_parameters():
+            for key in ADAM_KEYS:
+                value = moments[f"{key}.{name}"]
+                if partitioned:
+                    from deepspeed.utils import safe_set_full_optimizer_state
 
-                safe_set_full_optimizer_state(p, value.to(p.device), key)
-            else:
-                state = engine.optimizer.state[p]
-                state[key] = value.to(device=p.device, dtype=torch.float32).clone()
+                    safe_set_full_optimizer_state(p, value.to(p.device), key)
+                else:
+                    state = engine.optimizer.state[p]
+                    state[key] = value.to(device=p.device, dtype=torch.float32).clone()
     step_count = client["optimizer_step"]
     inner = engine.optimizer.optimizer if partitioned else engine.optimizer
     # Each tensor the torch optimizer steps: the parameters at ZeRO-0, the flat fp32 partitions
@@ -416,9 +444,9 @@ def load(engine, layout, ckpt: Path) -> dict:
     return client
 
 
-def load_weights_into(engine, weights: dict[str, torch.Tensor]) -> None:
-    """Set module parameters (and ZeRO's fp32 masters) and routing biases from `weights`
-    (read_tensors with this rank's expert range: expert tensors hold its experts only)."""
+def load_weights_into(engine, weights: TensorReader | dict[str, torch.Tensor]) -> None:
+    """Set module parameters (and ZeRO's fp32 masters) and routing biases from `weights`, whose
+    expert tensors hold this rank's experts only (TensorReader with its expert range)."""
     partitioned = _zero_partitioned(engine)
     missing = [n for n, _ in engine.module.named_parameters() if n not in weights]
     if missing:

@@ -1,5 +1,6 @@
 """Reading a checkpoint for one expert-parallel rank (train/checkpoint.py read_tensors): dense
-tensors whole, stacked expert tensors only the rank's experts, whichever shard files hold them."""
+tensors whole, stacked expert tensors only the rank's experts, whichever shard files hold them;
+TensorReader reads each tensor when asked for it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from train.checkpoint import read_tensors
+from train.checkpoint import TensorReader, read_tensors
 
 KEY = "layers.1.mlp.experts.down_proj"
 
@@ -37,3 +38,14 @@ def test_experts_the_checkpoint_lacks_are_an_error_naming_it(tmp_path):
     _checkpoint(tmp_path / "ckpt", 2)
     with pytest.raises(ValueError, match=r"ckpt: .*down_proj holds 8 experts; experts \[6, 10\)"):
         read_tensors(tmp_path / "ckpt", "model", (6, 10))
+
+
+def test_reader_reads_on_demand_and_names_what_is_missing(tmp_path):
+    full = _checkpoint(tmp_path / "ckpt", 4)
+    with TensorReader(tmp_path / "ckpt", "model", (2, 6)) as reader:
+        assert reader.keys() == {KEY, "embed_tokens.weight"} and KEY in reader
+        assert torch.equal(reader[KEY], full[2:6])
+        with pytest.raises(KeyError, match="ckpt: no tensor lm_head.weight"):
+            reader["lm_head.weight"]
+    with pytest.raises(FileNotFoundError, match="no optim-dense.safetensors"):
+        TensorReader(tmp_path / "ckpt", "optim")
