@@ -22,8 +22,9 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None) -> tuple[Config
     ckpt = ckpt_io.resolve_resume(checkpoint or str(run_dir), run_dir)
     meta = ckpt_io.read_meta(ckpt)
     ckpt_io.check_model_matches(meta, cfg.model, ckpt)
-    model = DeepSeekV3(cfg.model)
-    model.load_state_dict(ckpt_io.load_model_weights(ckpt))
+    with torch.device("meta"):  # no initial values to compute and throw away
+        model = DeepSeekV3(cfg.model)
+    model.load_state_dict(ckpt_io.load_model_weights(ckpt), assign=True)
     return cfg, model.eval(), ckpt
 
 
