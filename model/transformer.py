@@ -123,12 +123,17 @@ class DeepSeekV3(nn.Module):
         """Initial values into every parameter with storage (meta ones are skipped)."""
         init_weights(self, self.cfg.initializer_range, self.init_seed)
 
-    def materialize(self, device: torch.device | str = "cpu") -> DeepSeekV3:
+    def materialize(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> DeepSeekV3:
         """Storage on `device` and initial values for a model built on the meta device
         (`with torch.device("meta"): DeepSeekV3(cfg)`), after any reshaping such as expert
         parallelism's, so a rank only ever allocates what it holds (values are drawn on the CPU
-        one weight at a time and copied over). A model with storage is returned as it is."""
+        one weight at a time and copied over). `dtype` (bf16 training) stores the parameters in
+        it from the start, rounded from the fp32 draws, instead of in fp32 for DeepSpeed to cast;
+        buffers (the routing biases) stay fp32. A model with storage is returned as it is."""
         if any(t.is_meta for t in itertools.chain(self.parameters(), self.buffers())):
+            if dtype is not None:
+                for p in self.parameters():
+                    p.data = p.data.to(dtype)  # meta: a change of shape record, nothing allocated
             # to_empty makes new Parameter objects: carry over attributes set on the old ones
             # (expert parallelism marks its parameters for DeepSpeed)
             marks = {name: dict(vars(p)) for name, p in self.named_parameters() if vars(p)}

@@ -114,7 +114,9 @@ def build_engine(model: DeepSeekV3, cfg, info: DistInfo):
     layout = build_expert_layout(cfg.parallel.ep, cfg.model.n_routed_experts)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     apply_expert_parallel(model, layout)
-    model.materialize(info.device).to(info.device)
+    # bf16: parameters born bf16 (DeepSpeed's cast would round the same fp32 values the same way;
+    # an fp32 copy first would need twice the memory)
+    model.materialize(info.device, torch.bfloat16 if bf16 else None).to(info.device)
     apply_fp8(model, cfg, info.device, verbose=info.rank == 0)  # FP8 GEMMs in before the optimizer sees params
     o = cfg.optim
     optimizer = torch.optim.AdamW(

@@ -94,3 +94,13 @@ def test_materialize_keeps_parameter_marks_and_leaves_real_models_alone():
     with torch.no_grad():
         before.add_(1.0)
     assert model.materialize().embed_tokens.weight is before  # nothing re-initialised
+
+
+def test_materialize_in_bf16_rounds_the_fp32_values_and_keeps_buffers_fp32():
+    """bf16 training materialises parameters in bf16 directly (parallel/engine.py): the values are
+    the fp32 ones rounded, as DeepSpeed's cast of an fp32 model would give; routing biases stay fp32."""
+    model = built(4, meta=True).materialize(dtype=torch.bfloat16)
+    whole = built(4).state_dict()
+    for k, v in model.state_dict().items():
+        expected = whole[k] if k.endswith("e_score_correction_bias") else whole[k].to(torch.bfloat16)
+        assert v.dtype == expected.dtype and torch.equal(v, expected), k
