@@ -150,34 +150,57 @@ def _fsync(path: Path) -> None:
 
 def verify(ckpt: Path) -> str | None:
     """None if every file listed in the checkpoint's manifest is present with its size and
-    sha256; else what is wrong. (Weights-only checkpoints from import-hf carry a manifest too.)"""
+    sha256; else what is wrong. (Weights-only checkpoints from import-hf carry a manifest too.)
+
+    Under torch.distributed this is a collective: every rank checks presence and sizes, hashes
+    its share of the files (the i-th file by name on rank i mod world), and all ranks return
+    the same answer, so a checkpoint is read once in all, not once per rank."""
+    problems = {}  # sort key -> what is wrong; "" first: a problem found before hashing
     try:
-        meta = read_meta(ckpt)
+        files = read_meta(ckpt).get("files")
+        if not files:
+            problems[""] = f"{META} has no file manifest"
     except (OSError, ValueError) as err:
-        return f"unreadable {META}: {err}"
-    files = meta.get("files")
-    if not files:
-        return f"{META} has no file manifest"
-    for name, want in files.items():
+        files, problems[""] = None, f"unreadable {META}: {err}"
+    for name, want in (files or {}).items():
         f = ckpt / name
         if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != want["size"]:
-            return f"{name} has {f.stat().st_size} bytes, the manifest says {want['size']}"
-        if _sha256(f) != want["sha256"]:
-            return f"{name} does not match its sha256"
-    return None
+            problems.setdefault("", f"{name} is missing")
+        elif f.stat().st_size != want["size"]:
+            problems.setdefault("", f"{name} has {f.stat().st_size} bytes, the manifest says {want['size']}")
+    if not problems:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        for name in sorted(files)[rank::world]:
+            if _sha256(ckpt / name) != files[name]["sha256"]:
+                problems[name] = f"{name} does not match its sha256"
+    problems = _merged_over_ranks(problems)  # every rank calls it exactly once
+    return problems[min(problems)] if problems else None
 
 
-def _write_meta(ckpt: Path, meta: dict) -> None:
-    """Manifest (size + sha256 of every file) into the meta file, written last and atomically."""
-    files = {}
-    for f in sorted(ckpt.iterdir()):
-        if f.is_file() and not f.name.startswith(META):
-            _fsync(f)
-            files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+def _manifest_entries(folder: Path, names: list[str]) -> dict[str, dict]:
+    """Size and sha256 of each named file in `folder`, synced to disk first."""
+    entries = {}
+    for name in names:
+        f = folder / name
+        _fsync(f)
+        entries[name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    return entries
+
+
+def _merged_over_ranks(part: dict) -> dict:
+    """The union of every rank's dict (a collective: every rank calls it)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return part
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
+
+
+def _write_meta(ckpt: Path, meta: dict, files: dict[str, dict]) -> None:
+    """The meta file with the manifest `files` (_manifest_entries of every file), written last
+    and atomically."""
     tmp = ckpt / (META + ".tmp")
-    tmp.write_text(json.dumps({**meta, "files": files}, indent=1))
+    tmp.write_text(json.dumps({**meta, "files": dict(sorted(files.items()))}, indent=1))
     _fsync(tmp)
     tmp.rename(ckpt / META)
     _fsync(ckpt)
@@ -300,27 +323,31 @@ def save(engine, layout, run_dir: Path, step: int, client_state: dict, model_cfg
     for name, b in engine.module.named_buffers():
         if name.endswith("e_score_correction_bias"):
             dense[name] = b.detach().float().cpu()
+    written = []
     try:
         if writes_experts:
             model_file, optim_file = _writer_files(layout.ep, layout.ep_rank)
             save_file(experts, str(partial / model_file))
             save_file(experts_opt, str(partial / optim_file))
+            written += [model_file, optim_file]
         if rank == 0:
             save_file(dense, str(partial / "model-dense.safetensors"))
             save_file(dense_opt, str(partial / "optim-dense.safetensors"))
             torch.save({**client_state, "optimizer_step": _optimizer_step_count(engine)}, partial / "state.pt")
+            written += ["model-dense.safetensors", "optim-dense.safetensors", "state.pt"]
     except SafetensorError as err:  # its I/O failures (disk full, size limit) are OSErrors to callers
         raise OSError(str(err)) from err
-    _barrier()
+    # each writer syncs and hashes its own files, so no rank reads the whole checkpoint back
+    manifest = _merged_over_ranks(_manifest_entries(partial, written))
     if rank == 0:
-        # Everything is on disk in *.partial; the manifest (sizes, hashes) is computed there,
-        # the directory renamed, and the meta file written last: a crash at any point leaves
-        # either no complete checkpoint for this step or a verified one, never a half one.
+        # Everything is on disk in *.partial and hashed; the directory is renamed and the meta
+        # file written last: a crash at any point leaves either no complete checkpoint for this
+        # step or a verified one, never a half one.
         shutil.rmtree(ckpt, ignore_errors=True)
         partial.rename(ckpt)
         _fsync(root)
         _write_meta(ckpt, {"step": step, "model": model_cfg.to_dict(), "weights_only": False, "ep": layout.ep,
-                           "world_size": layout.world_size})
+                           "world_size": layout.world_size}, manifest)
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         _point_latest(root)
@@ -474,5 +501,6 @@ def save_weights_only(state_dict: dict[str, torch.Tensor], run_dir: Path, model_
     experts = {k: v.contiguous().float() for k, v in state_dict.items() if is_expert_name(k)}
     save_file(dense, str(ckpt / "model-dense.safetensors"))
     save_file(experts, str(ckpt / _writer_files(1, 0)[0]))
-    _write_meta(ckpt, {"step": 0, "model": model_cfg.to_dict(), "weights_only": True})
+    manifest = _manifest_entries(ckpt, ["model-dense.safetensors", _writer_files(1, 0)[0]])
+    _write_meta(ckpt, {"step": 0, "model": model_cfg.to_dict(), "weights_only": True}, manifest)
     return ckpt
