@@ -265,21 +265,22 @@ def _link_optimizer_state(engine) -> None:
 
 
 def _full_master(engine, p: torch.nn.Parameter) -> torch.Tensor:
-    """fp32 master value of a parameter, whole (collective over its data-parallel group under ZeRO)."""
+    """fp32 master value of a parameter, whole, on its device (collective over its data-parallel
+    group under ZeRO)."""
     if _zero_partitioned(engine):
         from deepspeed.utils import safe_get_full_fp32_param
 
-        return safe_get_full_fp32_param(p).detach().float().cpu()
-    return p.detach().float().cpu()
+        return safe_get_full_fp32_param(p).detach().float()
+    return p.detach().float()
 
 
 def _full_adam(engine, p: torch.nn.Parameter, key: str) -> torch.Tensor:
     if _zero_partitioned(engine):
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        return safe_get_full_optimizer_state(p, key).detach().float().cpu()
+        return safe_get_full_optimizer_state(p, key).detach().float()
     state = engine.optimizer.state.get(p, {})
-    return state[key].detach().float().cpu() if key in state else torch.zeros_like(p, dtype=torch.float32).cpu()
+    return state[key].detach().float() if key in state else torch.zeros_like(p, dtype=torch.float32)
 
 
 def _optimizer_step_count(engine) -> int:
@@ -307,19 +308,23 @@ def save(engine, layout, run_dir: Path, step: int, client_state: dict, model_cfg
     _barrier()
     _link_optimizer_state(engine)
     writes_experts = layout.rank < layout.ep  # first replica of each shard
+    partitioned = _zero_partitioned(engine)
     dense, dense_opt, experts, experts_opt = {}, {}, {}, {}
     for name, p in engine.module.named_parameters():
-        # every rank takes part in the gathers; only a rank that writes the tensor keeps it (at
-        # 671B the dense tensors alone are ~210 GB with their moments)
+        expert = is_expert_name(name)
+        writes = writes_experts if expert else rank == 0
+        if not (writes or partitioned):
+            continue  # unpartitioned: no gather to take part in
+        # Under ZeRO every rank takes part in the gathers; only a rank that writes the tensor
+        # copies it to the host (at 671B the dense tensors alone are ~210 GB with their moments).
         value = _full_master(engine, p)
         moments = {k: _full_adam(engine, p, k) for k in ADAM_KEYS}
-        expert = is_expert_name(name)
-        if not (writes_experts if expert else rank == 0):
+        if not writes:
             continue
         target, target_opt = (experts, experts_opt) if expert else (dense, dense_opt)
-        target[name] = value
+        target[name] = value.cpu()
         for k, v in moments.items():
-            target_opt[f"{k}.{name}"] = v
+            target_opt[f"{k}.{name}"] = v.cpu()
     for name, b in engine.module.named_buffers():
         if name.endswith("e_score_correction_bias"):
             dense[name] = b.detach().float().cpu()
@@ -437,8 +442,7 @@ def load(engine, layout, ckpt: Path) -> dict:
     """Restore model and optimizer state into this rank's (possibly resharded) engine; returns
     the client state (step, data position, RNG)."""
     client = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-    with TensorReader(ckpt, "model", layout.expert_range) as weights:
-        load_weights_into(engine, weights)
+    load_weights(engine, layout, ckpt)
     partitioned = _zero_partitioned(engine)
     _link_optimizer_state(engine)
     with TensorReader(ckpt, "optim", layout.expert_range) as moments:
@@ -471,14 +475,14 @@ def load(engine, layout, ckpt: Path) -> dict:
     return client
 
 
-def load_weights_into(engine, weights: TensorReader | dict[str, torch.Tensor]) -> None:
-    """Set module parameters (and ZeRO's fp32 masters) and routing biases from `weights`, whose
-    expert tensors hold this rank's experts only (TensorReader with its expert range)."""
+def load_weights(engine, layout, ckpt: Path) -> None:
+    """Set module parameters (and ZeRO's fp32 masters) and routing biases from a checkpoint's
+    model tensors, reading only this rank's experts (resume and weights-only start)."""
     partitioned = _zero_partitioned(engine)
-    missing = [n for n, _ in engine.module.named_parameters() if n not in weights]
-    if missing:
-        raise KeyError(f"checkpoint lacks {missing[0]} (and {len(missing) - 1} more)")
-    with torch.no_grad():
+    with TensorReader(ckpt, "model", layout.expert_range) as weights, torch.no_grad():
+        missing = [n for n, _ in engine.module.named_parameters() if n not in weights]
+        if missing:
+            raise KeyError(f"checkpoint lacks {missing[0]} (and {len(missing) - 1} more)")
         for name, p in engine.module.named_parameters():
             value = weights[name]
             if value.shape != p.shape:

@@ -176,8 +176,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         ckpt_io.set_rng_state(client["rng"])
         _log0(rank, f"resumed from {resume_from} at step {step}")
     elif meta:
-        with ckpt_io.TensorReader(resume_from, "model", layout.expert_range) as weights:
-            ckpt_io.load_weights_into(engine, weights)
+        ckpt_io.load_weights(engine, layout, resume_from)
         _log0(rank, f"starting from the weights in {resume_from} (step 0, fresh optimizer)")
 
     if resume_from is not None:  # continuing a run on other data would be silently wrong

@@ -112,7 +112,7 @@ def main(out: Path, ep: int, zero: int, skew: bool, checkpointing: bool) -> None
 
     for name, p in engine.module.named_parameters():
         expected = expert_slice(name, dict(ref.named_parameters())[name].detach())
-        note("params", (_full_master(engine, p) - expected).abs().max())
+        note("params", (_full_master(engine, p).cpu() - expected).abs().max())
     for name, b in engine.module.named_buffers():
         if name.endswith("e_score_correction_bias"):
             note("bias", (b - dict(ref.named_buffers())[name]).abs().max())
