@@ -2,12 +2,24 @@
 
 Layout of RUN_DIR/checkpoints/step_00000120/:
 
-    model-dense.safetensors                 every non-expert parameter and buffer (fp32 master values)
-    model-experts-ep{r}-of-{ep}.safetensors expert shard r: layer tensors holding experts [r·E/ep, (r+1)·E/ep)
-    optim-dense.safetensors                 AdamW exp_avg / exp_avg_sq of the dense parameters
-    optim-experts-ep{r}-of-{ep}.safetensors the same for expert shard r
+    model-dense-part{i}-of-{n}.safetensors  non-expert parameters and buffers (fp32 master values)
+    optim-dense-part{i}-of-{n}.safetensors  AdamW exp_avg / exp_avg_sq of those parameters
+    model-experts-ep{r}-of-{ep}-part{j}-of-{m}.safetensors
+                                            expert shard r: layer tensors holding experts
+                                            [r·E/ep, (r+1)·E/ep), split by tensor into m files
+    optim-experts-ep{r}-of-{ep}-part{j}-of-{m}.safetensors   their AdamW moments
     state.pt                                step, optimizer step count, data position, RNG states
     dsv3_meta.json                          written last, by rank 0, once every rank has saved
+
+Writing is spread over the ranks: the dense tensors over all of them (n = min(world size,
+number of dense parameters)), each expert shard's tensors over the ranks holding a replica of
+that shard (m = min(world/ep, its tensor count)), whole tensors balanced by size. At 671B on
+1536 ranks with EP=64 (fp32 values and both moments): the 810 dense tensors go to 810 ranks, at
+most 11 GB to one (the embedding or the head), and each shard's 125 GB of experts to its 24
+replicas, 5.6 GB each; with one writer of each kind, rank 0 held all 210 GB of dense tensors
+and the first replica of each shard its whole 125 GB.
+Readers take any number of parts, and the single-file names of earlier checkpoints
+(model-dense.safetensors, model-experts-ep{r}-of-{ep}.safetensors) too.
 
 Why not DeepSpeed's save_checkpoint: its MoE path assumes DeepSpeed's own expert module names,
 and its ZeRO files are tied to the world size. Here every tensor is stored whole (experts split
@@ -23,9 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import json
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -291,14 +305,47 @@ def _optimizer_step_count(engine) -> int:
     return 0
 
 
-def _writer_files(ep: int, ep_rank: int) -> tuple[str, str]:
-    return f"model-experts-ep{ep_rank}-of-{ep}.safetensors", f"optim-experts-ep{ep_rank}-of-{ep}.safetensors"
+def _assign(sizes: dict[str, int], n: int) -> dict[str, int]:
+    """Each name -> one of n writers, balanced by size: largest first, each to the writer with
+    the fewest elements so far (lowest index on ties). Same on every rank for the same sizes."""
+    heap = [(0, i) for i in range(n)]
+    owner = {}
+    for name in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        load, i = heapq.heappop(heap)
+        owner[name] = i
+        heapq.heappush(heap, (load + sizes[name], i))
+    return owner
+
+
+def _dense_files(part: int, parts: int) -> tuple[str, str]:
+    return (f"model-dense-part{part}-of-{parts}.safetensors", f"optim-dense-part{part}-of-{parts}.safetensors")
+
+
+def _expert_files_for(ep: int, ep_rank: int, part: int, parts: int) -> tuple[str, str]:
+    stem = f"experts-ep{ep_rank}-of-{ep}-part{part}-of-{parts}.safetensors"
+    return f"model-{stem}", f"optim-{stem}"
+
+
+def _writing_plan(module: torch.nn.Module, layout) -> tuple[dict[str, int], int, dict[str, int], int]:
+    """(dense name -> writing rank, dense parts, expert name -> writing rank, expert parts per shard).
+
+    Dense parameters are whole on every rank: they go to ranks 0..n-1. This rank's expert
+    tensors are whole on the world/ep ranks holding the same shard (ranks ep_rank + j·ep): part j
+    goes to replica j."""
+    dense, experts = {}, {}
+    for name, p in module.named_parameters():
+        (experts if is_expert_name(name) else dense)[name] = p.numel()
+    n_dense = max(1, min(layout.world_size, len(dense)))
+    n_expert = max(1, min(layout.edp_size, len(experts)))
+    dense_rank = _assign(dense, n_dense)
+    expert_rank = {k: j * layout.ep + layout.ep_rank for k, j in _assign(experts, n_expert).items()}
+    return dense_rank, n_dense, expert_rank, n_expert
 
 
 def save(engine, layout, run_dir: Path, step: int, client_state: dict, model_cfg: ModelConfig, keep: int,
          rank: int) -> Path:
-    """Every rank calls this (the gathers are collective); rank 0 and the first replica of each
-    expert shard write."""
+    """Every rank calls this (the gathers are collective); each tensor is written by the one rank
+    `_writing_plan` names, so the ranks write in parallel and none holds more than its share."""
     root = run_dir / "checkpoints"
     ckpt = root / tag_for(step)
     partial = root / (tag_for(step) + ".partial")
@@ -307,16 +354,16 @@ def save(engine, layout, run_dir: Path, step: int, client_state: dict, model_cfg
         partial.mkdir(parents=True)
     _barrier()
     _link_optimizer_state(engine)
-    writes_experts = layout.rank < layout.ep  # first replica of each shard
+    dense_rank, n_dense, expert_rank, n_expert = _writing_plan(engine.module, layout)
     partitioned = _zero_partitioned(engine)
     dense, dense_opt, experts, experts_opt = {}, {}, {}, {}
     for name, p in engine.module.named_parameters():
         expert = is_expert_name(name)
-        writes = writes_experts if expert else rank == 0
+        writes = (expert_rank if expert else dense_rank)[name] == rank
         if not (writes or partitioned):
             continue  # unpartitioned: no gather to take part in
-        # Under ZeRO every rank takes part in the gathers; only a rank that writes the tensor
-        # copies it to the host (at 671B the dense tensors alone are ~210 GB with their moments).
+        # Under ZeRO every rank takes part in the gathers; only the rank that writes the tensor
+        # copies it to the host.
         value = _full_master(engine, p)
         moments = {k: _full_adam(engine, p, k) for k in ADAM_KEYS}
         if not writes:
@@ -325,21 +372,22 @@ def save(engine, layout, run_dir: Path, step: int, client_state: dict, model_cfg
         target[name] = value.cpu()
         for k, v in moments.items():
             target_opt[f"{k}.{name}"] = v.cpu()
-    for name, b in engine.module.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            dense[name] = b.detach().float().cpu()
+    if rank == 0:  # the routing biases (replicated buffers, tiny) go with dense part 0
+        for name, b in engine.module.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                dense[name] = b.detach().float().cpu()
     written = []
     try:
-        if writes_experts:
-            model_file, optim_file = _writer_files(layout.ep, layout.ep_rank)
-            save_file(experts, str(partial / model_file))
-            save_file(experts_opt, str(partial / optim_file))
-            written += [model_file, optim_file]
+        for tensors, tensors_opt, files in (
+                (dense, dense_opt, _dense_files(rank, n_dense)),
+                (experts, experts_opt, _expert_files_for(layout.ep, layout.ep_rank, rank // layout.ep, n_expert))):
+            if tensors_opt:  # this rank writes a part of this kind (every part has a parameter)
+                save_file(tensors, str(partial / files[0]))
+                save_file(tensors_opt, str(partial / files[1]))
+                written += files
         if rank == 0:
-            save_file(dense, str(partial / "model-dense.safetensors"))
-            save_file(dense_opt, str(partial / "optim-dense.safetensors"))
             torch.save({**client_state, "optimizer_step": _optimizer_step_count(engine)}, partial / "state.pt")
-            written += ["model-dense.safetensors", "optim-dense.safetensors", "state.pt"]
+            written.append("state.pt")
     except SafetensorError as err:  # its I/O failures (disk full, size limit) are OSErrors to callers
         raise OSError(str(err)) from err
     # each writer syncs and hashes its own files, so no rank reads the whole checkpoint back
@@ -367,34 +415,44 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _expert_files(ckpt: Path, prefix: str) -> list[Path]:
-    """A checkpoint's expert shard files of one kind, in shard order."""
-    files = list(ckpt.glob(f"{prefix}-experts-ep*-of-*.safetensors"))
-    return sorted(files, key=lambda f: int(f.name.split("-ep")[1].split("-of-")[0]))
+_EXPERT_FILE = re.compile(r"-experts-ep(\d+)-of-(\d+)(?:-part\d+-of-\d+)?\.safetensors$")
+_DENSE_FILE = re.compile(r"-dense(?:-part\d+-of-\d+)?\.safetensors$")
 
 
 class TensorReader:
     """The tensors of one kind ("model" or "optim") of a checkpoint, each read from disk when it
     is asked for, so a rank holds one at a time: dense tensors whole, stacked expert tensors
     only experts [first, last) of `experts` (all of them for None), read as row slices of
-    however many shard files the checkpoint was saved with. A rank never reads another rank's
-    experts. Use as a context manager: the files stay open inside it."""
+    however many shard files the checkpoint was saved with, in however many parts. A rank never
+    reads another rank's experts. Use as a context manager: the files stay open inside it."""
 
     def __init__(self, ckpt: Path, prefix: str, experts: tuple[int, int] | None = None):
-        dense = ckpt / f"{prefix}-dense.safetensors"
-        if not dense.is_file():
-            raise FileNotFoundError(f"{ckpt}: no {dense.name} (not a dsv3 checkpoint, or an incomplete one)")
+        dense_files = sorted(f for f in ckpt.glob(f"{prefix}-dense*.safetensors") if _DENSE_FILE.search(f.name))
+        if not dense_files:
+            raise FileNotFoundError(f"{ckpt}: no {prefix}-dense-part*.safetensors "
+                                    "(not a dsv3 checkpoint, or an incomplete one)")
         self.ckpt, self.experts = ckpt, experts
+        self._dense: dict[str, object] = {}  # key -> open file
+        self._shards: dict[int, dict[str, object]] = {}  # shard -> key -> open file
         self._files = contextlib.ExitStack()
         try:
-            self._dense = self._files.enter_context(safe_open(str(dense), framework="pt"))
-            self._shards = [self._files.enter_context(safe_open(str(f), framework="pt"))
-                            for f in _expert_files(ckpt, prefix)]
+            for f in dense_files:
+                self._add(self._dense, f)
+            for f in sorted(ckpt.glob(f"{prefix}-experts-ep*.safetensors")):
+                match = _EXPERT_FILE.search(f.name)
+                if match:
+                    self._add(self._shards.setdefault(int(match.group(1)), {}), f)
         except BaseException:
             self._files.close()
             raise
-        self._dense_keys = set(self._dense.keys())
-        self._expert_keys = {k for fh in self._shards for k in fh.keys()}
+        self._expert_keys = {k for keys in self._shards.values() for k in keys}
+
+    def _add(self, index: dict, path: Path) -> None:
+        fh = self._files.enter_context(safe_open(str(path), framework="pt"))
+        for key in fh.keys():
+            if key in index:
+                raise ValueError(f"{self.ckpt}: {key} is in two files of one kind ({path.name} and another)")
+            index[key] = fh
 
     def __enter__(self) -> TensorReader:
         return self
@@ -403,19 +461,21 @@ class TensorReader:
         self._files.close()
 
     def keys(self) -> set[str]:
-        return self._dense_keys | self._expert_keys
+        return set(self._dense) | self._expert_keys
 
     def __contains__(self, key: str) -> bool:
-        return key in self._dense_keys or key in self._expert_keys
+        return key in self._dense or key in self._expert_keys
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key in self._dense_keys:
-            return self._dense.get_tensor(key)
+        if key in self._dense:
+            return self._dense[key].get_tensor(key)
         if key not in self._expert_keys:
             raise KeyError(f"{self.ckpt}: no tensor {key}")
         parts, start = [], 0  # start: global id of the current shard's first expert
-        for fh in self._shards:
-            piece = fh.get_slice(key)
+        for shard in sorted(self._shards):
+            if key not in self._shards[shard]:
+                raise KeyError(f"{self.ckpt}: expert shard {shard} has no {key}")
+            piece = self._shards[shard][key].get_slice(key)
             end = start + piece.get_shape()[0]
             lo, hi = (start, end) if self.experts is None else (max(self.experts[0], start), min(self.experts[1], end))
             if lo < hi:
@@ -503,8 +563,9 @@ def save_weights_only(state_dict: dict[str, torch.Tensor], run_dir: Path, model_
     ckpt.mkdir(parents=True, exist_ok=True)
     dense = {k: v.contiguous().float() for k, v in state_dict.items() if not is_expert_name(k)}
     experts = {k: v.contiguous().float() for k, v in state_dict.items() if is_expert_name(k)}
-    save_file(dense, str(ckpt / "model-dense.safetensors"))
-    save_file(experts, str(ckpt / _writer_files(1, 0)[0]))
-    manifest = _manifest_entries(ckpt, ["model-dense.safetensors", _writer_files(1, 0)[0]])
+    files = [_dense_files(0, 1)[0], _expert_files_for(1, 0, 0, 1)[0]]
+    save_file(dense, str(ckpt / files[0]))
+    save_file(experts, str(ckpt / files[1]))
+    manifest = _manifest_entries(ckpt, files)
     _write_meta(ckpt, {"step": 0, "model": model_cfg.to_dict(), "weights_only": True}, manifest)
     return ckpt

@@ -127,7 +127,7 @@ def test_damaged_newest_checkpoint_is_skipped_on_resume(tiny_data, straight, tmp
     shutil.copytree(straight, run)
     ckpts = sorted((run / "checkpoints").glob("step_*"))
     newest = ckpts[-1]
-    with open(newest / "model-dense.safetensors", "r+b") as f:  # flip bytes in the middle
+    with open(newest / "model-dense-part0-of-1.safetensors", "r+b") as f:  # flip bytes in the middle
         f.seek(200)
         f.write(b"\xff" * 16)
     proc = run_cli("train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}", f"train.steps={STEPS + 1}",

@@ -13,21 +13,25 @@ from train.checkpoint import TensorReader, read_tensors
 KEY = "layers.1.mlp.experts.down_proj"
 
 
-def _checkpoint(path, saved_ep: int, n_experts: int = 8):
-    """A checkpoint's model files as saved at EP=saved_ep; returns the whole expert tensor."""
+def _checkpoint(path, saved_ep: int, n_experts: int = 8, legacy: bool = False):
+    """A checkpoint's model files as saved at EP=saved_ep; returns the whole expert tensor.
+    legacy: the one-file-per-kind names earlier checkpoints have."""
     path.mkdir()
     full = torch.randn(n_experts, 3, 2, generator=torch.Generator().manual_seed(saved_ep))
-    save_file({"embed_tokens.weight": torch.ones(5, 2)}, str(path / "model-dense.safetensors"))
+    dense = "model-dense.safetensors" if legacy else "model-dense-part0-of-1.safetensors"
+    save_file({"embed_tokens.weight": torch.ones(5, 2)}, str(path / dense))
     per = n_experts // saved_ep
     for r in range(saved_ep):
-        save_file({KEY: full[r * per:(r + 1) * per].contiguous()}, str(path / f"model-experts-ep{r}-of-{saved_ep}.safetensors"))
+        name = f"model-experts-ep{r}-of-{saved_ep}" + ("" if legacy else "-part0-of-1")
+        save_file({KEY: full[r * per:(r + 1) * per].contiguous()}, str(path / f"{name}.safetensors"))
     return full
 
 
+@pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("saved_ep", [1, 2, 4])
 @pytest.mark.parametrize("experts", [None, (0, 8), (0, 4), (4, 8), (2, 4), (6, 8), (1, 7)])
-def test_reads_the_rows_asked_for_across_shard_files(tmp_path, saved_ep, experts):
-    full = _checkpoint(tmp_path / "ckpt", saved_ep)
+def test_reads_the_rows_asked_for_across_shard_files(tmp_path, saved_ep, experts, legacy):
+    full = _checkpoint(tmp_path / "ckpt", saved_ep, legacy=legacy)
     got = read_tensors(tmp_path / "ckpt", "model", experts)
     first, last = experts or (0, 8)
     assert torch.equal(got[KEY], full[first:last])
@@ -47,5 +51,43 @@ def test_reader_reads_on_demand_and_names_what_is_missing(tmp_path):
         assert torch.equal(reader[KEY], full[2:6])
         with pytest.raises(KeyError, match="ckpt: no tensor lm_head.weight"):
             reader["lm_head.weight"]
-    with pytest.raises(FileNotFoundError, match="no optim-dense.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"no optim-dense-part\*\.safetensors"):
         TensorReader(tmp_path / "ckpt", "optim")
+
+
+def test_tensors_split_over_parts_read_as_one(tmp_path):
+    """Dense tensors in two parts, and each of two expert shards with its tensors in two parts
+    (what a save spreads over the ranks writes): every tensor is found, experts in shard order."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    g = torch.Generator().manual_seed(0)
+    dense = {"embed_tokens.weight": torch.randn(5, 2, generator=g), "norm.weight": torch.randn(2, generator=g)}
+    other = KEY.replace("down_proj", "gate_up_proj")
+    full = {KEY: torch.randn(8, 3, 2, generator=g), other: torch.randn(8, 4, 2, generator=g)}
+    save_file({"embed_tokens.weight": dense["embed_tokens.weight"]}, str(ckpt / "model-dense-part0-of-2.safetensors"))
+    save_file({"norm.weight": dense["norm.weight"]}, str(ckpt / "model-dense-part1-of-2.safetensors"))
+    for r in range(2):
+        for j, key in enumerate((KEY, other)):  # shard r's tensors: one per part
+            save_file({key: full[key][4 * r:4 * r + 4].contiguous()},
+                      str(ckpt / f"model-experts-ep{r}-of-2-part{j}-of-2.safetensors"))
+    got = read_tensors(ckpt, "model", (2, 6))
+    assert got.keys() == {*dense, *full}
+    for k, v in dense.items():
+        assert torch.equal(got[k], v)
+    for k, v in full.items():
+        assert torch.equal(got[k], v[2:6])
+
+
+def test_a_shard_missing_a_tensor_is_named(tmp_path):
+    _checkpoint(tmp_path / "ckpt", 2)
+    (tmp_path / "ckpt" / "model-experts-ep1-of-2-part0-of-1.safetensors").unlink()
+    save_file({"other": torch.ones(4, 1)}, str(tmp_path / "ckpt" / "model-experts-ep1-of-2-part0-of-1.safetensors"))
+    with pytest.raises(KeyError, match="expert shard 1 has no layers.1.mlp.experts.down_proj"):
+        read_tensors(tmp_path / "ckpt", "model")
+
+
+def test_one_tensor_in_two_parts_is_an_error(tmp_path):
+    _checkpoint(tmp_path / "ckpt", 1)
+    save_file({"embed_tokens.weight": torch.zeros(5, 2)}, str(tmp_path / "ckpt" / "model-dense-part1-of-2.safetensors"))
+    with pytest.raises(ValueError, match="embed_tokens.weight is in two files"):
+        read_tensors(tmp_path / "ckpt", "model")

@@ -1,0 +1,70 @@
+"""Who writes what in a checkpoint save (train/checkpoint.py _writing_plan): every tensor has
+exactly one writer that holds it whole, the writers share the bytes, and at 671B no rank is left
+holding more than one tensor's worth beyond its share."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from model import DeepSeekV3
+from parallel.groups import ExpertLayout
+from train.checkpoint import _assign, _writing_plan, is_expert_name
+from train.config import load_config
+
+
+def _meta_model(config: str) -> DeepSeekV3:
+    with torch.device("meta"):
+        return DeepSeekV3(load_config(config, []).model)
+
+
+def test_assign_balances_largest_first_and_is_deterministic():
+    sizes = {"a": 7, "b": 5, "c": 4, "d": 3, "e": 3, "f": 1}
+    owner = _assign(sizes, 3)
+    assert owner == _assign(dict(reversed(sizes.items())), 3)  # independent of the order given
+    loads = Counter()
+    for name, i in owner.items():
+        loads[i] += sizes[name]
+    assert sorted(loads.values()) == [7, 8, 8]  # a+f | b+e | c+d
+    assert _assign(sizes, 1) == dict.fromkeys(sizes, 0)
+
+
+@pytest.mark.parametrize("world,ep", [(1, 1), (2, 1), (2, 2), (4, 2), (8, 2), (4, 4), (64, 1)])
+def test_every_tensor_has_one_writer_holding_it(world, ep):
+    model = _meta_model("configs/smoke.yaml")
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    n_dense_params = sum(not is_expert_name(n) for n in sizes)
+    for rank in range(world):
+        layout = ExpertLayout(world, rank, ep, 16, "g", None, None)
+        dense, n_dense, experts, n_expert = _writing_plan(model, layout)
+        assert set(dense) | set(experts) == set(sizes) and not set(dense) & set(experts)
+        assert n_dense == min(world, n_dense_params)
+        assert set(dense.values()) == set(range(n_dense))  # every dense part has a tensor
+        # each expert tensor of this rank's shard goes to a rank holding the same shard
+        assert {r % ep for r in experts.values()} == {layout.ep_rank}
+        assert set(experts.values()) == {j * ep + layout.ep_rank for j in range(n_expert)}
+        assert n_expert == min(world // ep, len(experts))
+        # every rank computes the same dense plan
+        assert dense == _writing_plan(model, ExpertLayout(world, 0, ep, 16, "g", None, None))[0]
+
+
+def test_at_671b_no_rank_writes_more_than_its_share_plus_one_tensor():
+    model = _meta_model("configs/671b.yaml")
+    world, ep = 1536, 64
+    layout = ExpertLayout(world, 5, ep, 256, "g", None, None)
+    dense, n_dense, experts, n_expert = _writing_plan(model, layout)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}  # experts here: all 256, so / ep
+    dense_load, expert_load = Counter(), Counter()
+    for name, r in dense.items():
+        dense_load[r] += sizes[name]
+    for name, r in experts.items():
+        expert_load[r] += sizes[name] // ep
+    gb = 12 / 1e9  # fp32 value and two AdamW moments
+    assert (n_dense, n_expert) == (810, 24)
+    largest = max(sizes[n] for n in dense)
+    assert max(dense_load.values()) == largest  # the head (or embedding) alone, 11.1 GB
+    assert largest * gb < 11.2
+    assert sum(dense_load.values()) * gb > 209  # what rank 0 held alone before
+    assert max(expert_load.values()) * gb < 5.7 and sum(expert_load.values()) * gb > 124
