@@ -14,12 +14,19 @@ inside it, DeepSpeed ZeRO 0-2; no tensor or pipeline parallelism), world = launc
 GPUs per node:
 
 * weights: dense parameters whole on every GPU, routed experts divided by parallel.ep.
-  Bytes per parameter: fp32 4; bf16 2; fp8 1 for the GEMM weights that run in FP8 and 2 for
-  those the report keeps in BF16 (embedding, output head, router, norms).
+  Bytes per parameter: fp32 4; bf16 2; fp8 4 + 2. For fp8 this system keeps DeepSpeed in fp32
+  (parallel/fp8.py), so the module weights are fp32 and are themselves the master; on top, every
+  GEMM weight (all but the embedding, norms and the fp32 router) has a 2-byte working copy that
+  lives from the first micro-batch's forward to the step: TE's FP8 weight cache holds it twice,
+  row- and column-wise, for the FP8 GEMMs, and backward keeps the bf16 autocast copy for the
+  GEMMs that stay in BF16 (output head; experts under EP > 1). The report's own layout, FP8
+  primary weights (1-2 B) with the fp32 masters only in the partitioned optimizer, needs TE's
+  FP8 parameters, which this system does not create; counting it here would say "fits" for
+  a layout that runs out of memory.
 * grads: fp32, 4 B per parameter at every precision (the report keeps weight gradients in FP32;
   DeepSpeed's bf16 path accumulates them in fp32 too), partitioned only at ZeRO-2.
-* optimizer states: fp32 master weights (none extra for fp32 training: the weights are the
-  master) + two fp32 AdamW moments, partitioned at ZeRO ≥ 1.
+* optimizer states: fp32 master weights (none extra for fp32 and fp8 training: the module
+  weights are the master) + two fp32 AdamW moments, partitioned at ZeRO ≥ 1.
   ZeRO partitions over the data-parallel group of each parameter: dense over all `world` GPUs,
   experts over the world/ep GPUs holding the same expert shard (the expert-data group).
 * activations: one micro-batch (train.micro_batch_size × data.seq_len tokens) in flight, counted
@@ -53,21 +60,21 @@ FLOP_CONVENTION = ("6*N + 3*L*H*(qk_head_dim + v_head_dim)*S per token, forward+
 
 
 def _parameter_groups(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts by how they are stored: routed experts vs dense, and (for fp8) which
-    weights the FP8 GEMMs read vs which stay in BF16."""
+    """Parameter counts by how they are stored: routed experts vs dense, and which dense
+    weights feed a low-precision GEMM (for fp8: all but the embedding lookup, the norms and the
+    router, whose matmul runs in fp32)."""
     with torch.device("meta"):
         model = DeepSeekV3(cfg)
     counts = model.parameter_counts()
-    groups = {"expert": 0, "dense": 0, "dense_high_precision": 0}
+    groups = {"expert": 0, "dense": 0, "dense_gemm": 0}
     for name, p in model.named_parameters():
         n = p.numel()
         if ".mlp.experts." in name:
             groups["expert"] += n
             continue
         groups["dense"] += n
-        # report §3.3: embedding, output head, gating and normalisation stay in BF16/FP32
-        if p.dim() < 2 or name.startswith(("embed_tokens.", "lm_head.")) or ".mlp.gate." in name:
-            groups["dense_high_precision"] += n
+        if not (p.dim() < 2 or name.startswith("embed_tokens.") or ".mlp.gate." in name):
+            groups["dense_gemm"] += n
     return {**groups, "total": counts["total"], "mtp": counts["mtp"], "active": counts["active"]}
 
 
@@ -119,11 +126,12 @@ def activation_bytes(cfg: Config) -> float:
 
 
 def _bytes_per_param(precision: str) -> dict[str, float]:
+    """weight: every parameter; gemm_copy: extra per GEMM weight (fp8's working copies)."""
     if precision == "fp32":
-        return {"weight": 4, "weight_high": 4, "grad": 4, "master": 0, "moments": 8}
+        return {"weight": 4, "gemm_copy": 0, "grad": 4, "master": 0, "moments": 8}
     if precision == "bf16":
-        return {"weight": 2, "weight_high": 2, "grad": 4, "master": 4, "moments": 8}
-    return {"weight": 1, "weight_high": 2, "grad": 4, "master": 4, "moments": 8}  # fp8
+        return {"weight": 2, "gemm_copy": 0, "grad": 4, "master": 4, "moments": 8}
+    return {"weight": 4, "gemm_copy": 2, "grad": 4, "master": 0, "moments": 8}  # fp8, as this system runs it
 
 
 def memory_per_gpu(cfg: Config, groups: dict[str, int], world: int) -> dict[str, float]:
@@ -134,12 +142,10 @@ def memory_per_gpu(cfg: Config, groups: dict[str, int], world: int) -> dict[str,
         raise ConfigError("parallel.ep", ep, f"must divide the number of GPUs ({world})")
     expert_dp = world // ep  # GPUs holding the same expert shard: ZeRO's group for expert params
     b = _bytes_per_param(cfg.model.precision)
-    dense_low = groups["dense"] - groups["dense_high_precision"]
-    dense_high = groups["dense_high_precision"]
     expert_local = groups["expert"] / ep  # expert params this GPU holds
     dense = groups["dense"]
 
-    weights = dense_low * b["weight"] + dense_high * b["weight_high"] + expert_local * b["weight"]
+    weights = (dense + expert_local) * b["weight"] + (groups["dense_gemm"] + expert_local) * b["gemm_copy"]
     grad_parts = (dense / world, expert_local / expert_dp) if stage >= 2 else (dense, expert_local)
     opt_parts = (dense / world, expert_local / expert_dp) if stage >= 1 else (dense, expert_local)
     grads = sum(grad_parts) * b["grad"]

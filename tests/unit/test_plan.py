@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from model import DeepSeekV3
 from tests.support import run_cli
 from train.config import load_config
 from train.plan import plan
@@ -37,11 +39,18 @@ def test_671b_flops_and_gpu_hours(v3):
     assert v3["tokens_per_step_ramp_start"] == 3072 * 4096
 
 
-def test_671b_layout_fits_and_zero1_does_not(v3):
+def test_671b_fits_in_bf16_not_in_fp8_as_this_system_runs_it(v3):
     assert v3["layout"]["world_size"] == 1536 and v3["layout"]["ep"] == 64 and v3["layout"]["zero_stage"] == 2
-    assert v3["fits"] is True
-    zero1 = plan(load_config("configs/671b.yaml", ["parallel.zero_stage=1"]))
-    assert zero1["fits"] is False  # full fp32 gradients of ~28B local parameters do not fit in 80 GB
+    # fp8 keeps fp32 module weights (DeepSpeed in fp32) plus 2-byte working copies of the GEMM
+    # weights: 27.8B local parameters x 4 B alone exceed 80 GB
+    assert v3["fits"] is False
+    local = v3["params_dense"] + v3["params_expert"] / 64
+    assert v3["memory_per_gpu_bytes"]["weights"] > 4 * local
+    bf16 = plan(load_config("configs/671b.yaml", ["model.precision=bf16"]))
+    assert bf16["fits"] is True
+    assert bf16["memory_per_gpu_bytes"]["weights"] == pytest.approx(2 * local, rel=1e-6)
+    fp32 = plan(load_config("configs/671b.yaml", ["model.precision=fp32"]))
+    assert fp32["fits"] is False and fp32["memory_per_gpu_bytes"]["weights"] == pytest.approx(4 * local, rel=1e-6)
 
 
 def test_plan_json_is_one_object_on_stdout():
@@ -77,14 +86,15 @@ def test_memory_parts_sum_to_total():
 
 
 def test_zero_stages_partition_optimizer_then_grads():
-    # 32 GPUs, expert-data group 4; fp8 (fp32 master and grads, bf16 needs ZeRO-2) to reach every stage
-    common = ("parallel.ep=8", "launch.nodes=4", "launch.gpus_per_node=8", "model.precision=fp8")
+    # 32 GPUs, expert-data group 4; fp32 (bf16 needs ZeRO-2) to reach every stage
+    common = ("parallel.ep=8", "launch.nodes=4", "launch.gpus_per_node=8", "model.precision=fp32")
     z0, z1, z2 = (_plan16(*common, f"parallel.zero_stage={s}") for s in (0, 1, 2))
     m0, m1, m2 = (p["memory_per_gpu_bytes"] for p in (z0, z1, z2))
     dense, expert_local = z0["params_dense"], z0["params_expert"] / 8
-    # optimizer states (fp32 master + 2 moments = 12 B/param): dense over 32 GPUs, experts over 32/8 = 4
-    assert m0["optimizer_states"] == pytest.approx(12 * (dense + expert_local), rel=1e-6)
-    assert m1["optimizer_states"] == pytest.approx(12 * (dense / 32 + expert_local / 4), rel=1e-6)
+    # optimizer states (2 fp32 moments = 8 B/param; the fp32 weights are the master): dense over
+    # 32 GPUs, experts over 32/8 = 4
+    assert m0["optimizer_states"] == pytest.approx(8 * (dense + expert_local), rel=1e-6)
+    assert m1["optimizer_states"] == pytest.approx(8 * (dense / 32 + expert_local / 4), rel=1e-6)
     assert m1["grads"] == m0["grads"] == pytest.approx(4 * (dense + expert_local), rel=1e-6)
     assert m2["grads"] == pytest.approx(4 * (dense / 32 + expert_local / 4), rel=1e-6)
     assert m2["optimizer_states"] == m1["optimizer_states"]
@@ -107,6 +117,15 @@ def test_precision_and_activation_checkpointing():
     assert w["fp32"]["optimizer_states"] == pytest.approx(8 * shard, rel=1e-6)
     assert w["bf16"]["optimizer_states"] == pytest.approx(12 * shard, rel=1e-6)
     assert w["fp32"]["weights"] == pytest.approx(2 * w["bf16"]["weights"], rel=1e-6)
-    assert w["bf16"]["weights"] / 2 < w["fp8"]["weights"] < w["bf16"]["weights"]  # embedding/head/router stay bf16
+    # fp8 as run here: fp32 weights (the master, so no extra optimizer copy) and a 2-byte working
+    # copy of every GEMM weight: all but the embedding, the norms and the router
+    assert w["fp8"]["optimizer_states"] == w["fp32"]["optimizer_states"]
+    mc = load_config("configs/16b.yaml").model
+    with torch.device("meta"):
+        norms = sum(p.numel() for p in DeepSeekV3(mc).parameters() if p.dim() == 1)
+    moe_blocks = mc.num_hidden_layers - mc.first_k_dense_replace + mc.num_nextn_predict_layers
+    not_gemm = mc.vocab_size * mc.hidden_size + moe_blocks * mc.n_routed_experts * mc.hidden_size + norms
+    gemm_local = bf16["params_dense"] - not_gemm + bf16["params_expert"] / 8
+    assert w["fp8"]["weights"] == pytest.approx(w["fp32"]["weights"] + 2 * gemm_local, rel=1e-6)
     ckpt = _plan16("train.activation_checkpointing=true")["memory_per_gpu_bytes"]["activations"]
     assert ckpt < bf16["memory_per_gpu_bytes"]["activations"] / 3
