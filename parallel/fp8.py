@@ -10,8 +10,8 @@ each forward in. Two backends (`fp8.backend`):
             only choice. `fp8.recipe` must be `blockwise`.
   te        NVIDIA Transformer Engine (`pip install 'dsv3[gpu]'`, CUDA only): `te.Linear` in
             place of nn.Linear (weights copied), `te.GroupedLinear` for the routed experts
-            (GroupedLinearExperts; expert-parallel shards keep their BF16 grouped GEMM for now:
-            swapping the module would drop their all-to-all), and
+            (GroupedLinearExperts; on an expert-parallel shard it runs the shard's local
+            experts, behind the shard's own all-to-all dispatch), and
             `te.fp8_autocast(enabled=True, fp8_recipe=...)` around the forward, with the recipe
             `fp8.recipe` names: blockwise -> Float8BlockScaling (the report's scheme),
             current -> Float8CurrentScaling, delayed -> DelayedScaling, mxfp8 -> MXFP8BlockScaling.
@@ -123,10 +123,6 @@ def plan_fp8(model: nn.Module, backend: str, recipe: str) -> FP8Plan:
     align = TE_ALIGN[recipe] if backend == "te" else 1
     for name, module in model.named_modules():
         if isinstance(module, RoutedExperts):
-            if backend == "te" and type(module) is not RoutedExperts:
-                # an expert-parallel shard: swapping in GroupedLinearExperts would drop its all-to-all
-                plan.high_precision[name] = "expert-parallel shard: TE GroupedLinear not combined with EP yet"
-                continue
             dims = tuple(module.gate_up_proj.shape[1:]) + tuple(module.down_proj.shape[1:])
         elif isinstance(module, nn.Linear):
             if name == "lm_head":
@@ -265,14 +261,25 @@ class GroupedLinearExperts(RoutedExperts):
 
     Same interface as RoutedExperts (forward, expert_ffn for expert parallelism) and the same state
     dict: `gate_up_proj` (E, 2I, hidden) and `down_proj` (E, hidden, I), stacked from and split
-    into the per-expert weights by state-dict hooks. Each expert's block of rows is zero-padded to
-    `row_align` (TE's FP8 GEMMs need aligned row counts), then unpadded.
+    into the per-expert weights by state-dict hooks (checkpoints see the same stacking through
+    `stacked_parameters`). Each expert's block of rows is zero-padded to `row_align` (TE's FP8
+    GEMMs need aligned row counts), then unpadded.
+
+    Built with `grouped_linear_experts`, which for an expert-parallel shard makes the subclass of
+    both this and the shard's class: the shard's forward (all-to-all dispatch) around this
+    class's expert_ffn over the shard's local experts.
     """
 
     def __init__(self, experts: RoutedExperts, grouped_linear_cls: type, state: FP8State, row_align: int, device):
         nn.Module.__init__(self)
-        self.num_experts, self.impl = experts.num_experts, "grouped"
+        # every plain attribute of the module replaced: the expert count, and for an expert-
+        # parallel shard its layout, global expert offset and DeepSpeed's MoE fields
+        for key, value in vars(experts).items():
+            if not key.startswith("_") and key != "training":
+                setattr(self, key, value)
+        self.impl = "grouped"
         n, two_i, hidden = experts.gate_up_proj.shape
+        self.num_weights = n  # experts held here (an expert-parallel shard's local ones)
         cls = no_extra_state_class(grouped_linear_cls)
         self.gate_up = cls(n, hidden, two_i, bias=False, params_dtype=torch.float32, device=device)
         self.down = cls(n, two_i // 2, hidden, bias=False, params_dtype=torch.float32, device=device)
@@ -285,6 +292,11 @@ class GroupedLinearExperts(RoutedExperts):
         self.fp8_state, self.row_align = state, row_align
         self.register_state_dict_post_hook(_stack_expert_weights)
         self.register_load_state_dict_pre_hook(_split_expert_weights)
+
+    def stacked_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The per-expert weights under the stacked names RoutedExperts has, in expert order."""
+        return {stacked: [getattr(getattr(self, child), f"weight{e}") for e in range(self.num_weights)]
+                for stacked, child in _STACKED}
 
     def expert_ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         counts_list = counts.tolist()  # TE takes host-side splits
@@ -303,14 +315,31 @@ class GroupedLinearExperts(RoutedExperts):
         return (y if dest is None else y[dest]).to(dtype)
 
 
+_STACKED = (("gate_up_proj", "gate_up"), ("down_proj", "down"))
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_linear_shard_class(shard_cls: type) -> type:
+    # MRO: GroupedLinearExperts (expert_ffn), then the shard class (forward, DeepSpeed's MoE base)
+    return type(f"GroupedLinear{shard_cls.__name__}", (GroupedLinearExperts, shard_cls), {})
+
+
+def grouped_linear_experts(experts: RoutedExperts, grouped_linear_cls: type, state: FP8State, row_align: int,
+                           device) -> GroupedLinearExperts:
+    """`experts` (RoutedExperts, or an expert-parallel shard of it) with its GEMMs in
+    `grouped_linear_cls` (TE GroupedLinear signature), weights copied, fp32 parameters."""
+    cls = GroupedLinearExperts if type(experts) is RoutedExperts else _grouped_linear_shard_class(type(experts))
+    return cls(experts, grouped_linear_cls, state, row_align, device)
+
+
 def _stack_expert_weights(module, state_dict, prefix, local_metadata) -> None:
-    for stacked, child in (("gate_up_proj", "gate_up"), ("down_proj", "down")):
-        keys = [f"{prefix}{child}.weight{e}" for e in range(module.num_experts)]
+    for stacked, child in _STACKED:
+        keys = [f"{prefix}{child}.weight{e}" for e in range(module.num_weights)]
         state_dict[prefix + stacked] = torch.stack([state_dict.pop(k).detach() for k in keys])
 
 
 def _split_expert_weights(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-    for stacked, child in (("gate_up_proj", "gate_up"), ("down_proj", "down")):
+    for stacked, child in _STACKED:
         if prefix + stacked in state_dict:
             w = state_dict.pop(prefix + stacked)  # (E, out, in)
             for e in range(w.shape[0]):
@@ -368,7 +397,7 @@ def apply_fp8(model: nn.Module, cfg, device: torch.device | str, verbose: bool =
             else:
                 _set_submodule(model, name, FP8Linear.from_linear(module))
         elif isinstance(module, RoutedExperts):
-            _set_submodule(model, name, GroupedLinearExperts(module, te.GroupedLinear, state, TE_ALIGN[recipe], device))
+            _set_submodule(model, name, grouped_linear_experts(module, te.GroupedLinear, state, TE_ALIGN[recipe], device))
         else:
             _set_submodule(model, name, swap_linear(module, te.Linear, state, TE_ALIGN[recipe], device))
     model.fp8_state = state
@@ -408,4 +437,4 @@ def _fp8_context(state: FP8State, first_microbatch: bool | None):
 
 
 __all__ = ["apply_fp8", "autocast", "plan_fp8", "check_fp8_config", "FP8Plan", "FP8State",
-           "GroupedLinearExperts", "swap_linear", "GPU_EXTRA", "TE_ALIGN"]
+           "GroupedLinearExperts", "grouped_linear_experts", "swap_linear", "GPU_EXTRA", "TE_ALIGN"]

@@ -61,6 +61,33 @@ def is_expert_name(name: str) -> bool:
     return name.endswith(EXPERT_KEYS)
 
 
+def checkpoint_tensors(module: torch.nn.Module) -> list[tuple[str, list[torch.nn.Parameter], bool]]:
+    """The module's parameters as a checkpoint names them, in parameter order: (name, [p], False)
+    for a parameter stored as itself, (name, [p_0, ..., p_{E-1}], True) for per-expert weights
+    stored stacked along a new dim 0 (TE's grouped experts, parallel/fp8.py: the checkpoint
+    holds the `gate_up_proj` / `down_proj` a RoutedExperts has, so it loads at any precision
+    and into `dsv3 sample` / `export-hf`)."""
+    grouped: dict[int, tuple[str, list]] = {}  # id(first weight) -> (stacked name, weights)
+    members: set[int] = set()
+    for prefix, m in module.named_modules():
+        stacked = getattr(m, "stacked_parameters", None)
+        if stacked is not None:
+            for key, params in stacked().items():
+                grouped[id(params[0])] = (f"{prefix}.{key}" if prefix else key, params)
+                members.update(id(q) for q in params)
+    out = []
+    for name, p in module.named_parameters():
+        if id(p) in grouped:
+            out.append((*grouped[id(p)], True))
+        elif id(p) not in members:
+            out.append((name, [p], False))
+    return out
+
+
+def _stacked(values: list[torch.Tensor], stacked: bool) -> torch.Tensor:
+    return torch.stack(values) if stacked else values[0]
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -333,8 +360,8 @@ def _writing_plan(module: torch.nn.Module, layout) -> tuple[dict[str, int], int,
     tensors are whole on the world/ep ranks holding the same shard (ranks ep_rank + j·ep): part j
     goes to replica j."""
     dense, experts = {}, {}
-    for name, p in module.named_parameters():
-        (experts if is_expert_name(name) else dense)[name] = p.numel()
+    for name, params, _ in checkpoint_tensors(module):
+        (experts if is_expert_name(name) else dense)[name] = sum(p.numel() for p in params)
     n_dense = max(1, min(layout.world_size, len(dense)))
     n_expert = max(1, min(layout.edp_size, len(experts)))
     dense_rank = _assign(dense, n_dense)
@@ -357,15 +384,15 @@ def save(engine, layout, run_dir: Path, step: int, client_state: dict, model_cfg
     dense_rank, n_dense, expert_rank, n_expert = _writing_plan(engine.module, layout)
     partitioned = _zero_partitioned(engine)
     dense, dense_opt, experts, experts_opt = {}, {}, {}, {}
-    for name, p in engine.module.named_parameters():
+    for name, params, stacked in checkpoint_tensors(engine.module):
         expert = is_expert_name(name)
         writes = (expert_rank if expert else dense_rank)[name] == rank
         if not (writes or partitioned):
             continue  # unpartitioned: no gather to take part in
         # Under ZeRO every rank takes part in the gathers; only the rank that writes the tensor
         # copies it to the host.
-        value = _full_master(engine, p)
-        moments = {k: _full_adam(engine, p, k) for k in ADAM_KEYS}
+        value = _stacked([_full_master(engine, p) for p in params], stacked)
+        moments = {k: _stacked([_full_adam(engine, p, k) for p in params], stacked) for k in ADAM_KEYS}
         if not writes:
             continue
         target, target_opt = (experts, experts_opt) if expert else (dense, dense_opt)
@@ -506,16 +533,17 @@ def load(engine, layout, ckpt: Path) -> dict:
     partitioned = _zero_partitioned(engine)
     _link_optimizer_state(engine)
     with TensorReader(ckpt, "optim", layout.expert_range) as moments:
-        for name, p in engine.module.named_parameters():
+        for name, params, stacked in checkpoint_tensors(engine.module):
             for key in ADAM_KEYS:
-                value = moments[f"{key}.{name}"]
-                if partitioned:
-                    from deepspeed.utils import safe_set_full_optimizer_state
+                saved = moments[f"{key}.{name}"]
+                for p, value in zip(params, saved.unbind(0) if stacked else [saved]):
+                    if partitioned:
+                        from deepspeed.utils import safe_set_full_optimizer_state
 
-                    safe_set_full_optimizer_state(p, value.to(p.device), key)
-                else:
-                    state = engine.optimizer.state[p]
-                    state[key] = value.to(device=p.device, dtype=torch.float32).clone()
+                        safe_set_full_optimizer_state(p, value.to(p.device), key)
+                    else:
+                        state = engine.optimizer.state[p]
+                        state[key] = value.to(device=p.device, dtype=torch.float32).clone()
     step_count = client["optimizer_step"]
     inner = engine.optimizer.optimizer if partitioned else engine.optimizer
     # Each tensor the torch optimizer steps: the parameters at ZeRO-0, the flat fp32 partitions
@@ -540,18 +568,21 @@ def load_weights(engine, layout, ckpt: Path) -> None:
     model tensors, reading only this rank's experts (resume and weights-only start)."""
     partitioned = _zero_partitioned(engine)
     with TensorReader(ckpt, "model", layout.expert_range) as weights, torch.no_grad():
-        missing = [n for n, _ in engine.module.named_parameters() if n not in weights]
+        tensors = checkpoint_tensors(engine.module)
+        missing = [n for n, _, _ in tensors if n not in weights]
         if missing:
             raise KeyError(f"checkpoint lacks {missing[0]} (and {len(missing) - 1} more)")
-        for name, p in engine.module.named_parameters():
-            value = weights[name]
-            if value.shape != p.shape:
-                raise ValueError(f"checkpoint tensor {name} has shape {tuple(value.shape)}, model {tuple(p.shape)}")
-            p.copy_(value.to(p.dtype))
-            if partitioned:
-                from deepspeed.utils import safe_set_full_fp32_param
+        for name, params, stacked in tensors:
+            saved = weights[name]
+            want = (len(params), *params[0].shape) if stacked else tuple(params[0].shape)
+            if tuple(saved.shape) != want:
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(saved.shape)}, model {want}")
+            for p, value in zip(params, saved.unbind(0) if stacked else [saved]):
+                p.copy_(value.to(p.dtype))
+                if partitioned:
+                    from deepspeed.utils import safe_set_full_fp32_param
 
-                safe_set_full_fp32_param(p, value.to(device=p.device, dtype=torch.float32))
+                    safe_set_full_fp32_param(p, value.to(device=p.device, dtype=torch.float32))
         for name, b in engine.module.named_buffers():
             if name in weights:
                 b.copy_(weights[name].to(b.dtype))

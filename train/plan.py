@@ -19,10 +19,10 @@ GPUs per node:
   GEMM weight (all but the embedding, norms and the fp32 router) has a 2-byte working copy that
   lives from the first micro-batch's forward to the step: TE's FP8 weight cache holds it twice,
   row- and column-wise, for the FP8 GEMMs, and backward keeps the bf16 autocast copy for the
-  GEMMs that stay in BF16 (output head; experts under EP > 1). The report's own layout, FP8
-  primary weights (1-2 B) with the fp32 masters only in the partitioned optimizer, needs TE's
-  FP8 parameters, which this system does not create; counting it here would say "fits" for
-  a layout that runs out of memory.
+  GEMMs that stay in BF16 (the output head). The report's own layout, FP8 primary weights
+  (1-2 B) with the fp32 masters only in the partitioned optimizer, needs TE's FP8 parameters,
+  which this system does not create; counting it here would say "fits" for a layout that runs
+  out of memory.
 * grads: fp32, 4 B per parameter at every precision (the report keeps weight gradients in FP32;
   DeepSpeed's bf16 path accumulates them in fp32 too), partitioned only at ZeRO-2.
 * optimizer states: fp32 master weights (none extra for fp32 and fp8 training: the module

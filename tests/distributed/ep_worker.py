@@ -7,8 +7,12 @@ DeepSpeed engine — fed this rank's share of the batch.
 It writes the largest differences it sees (logits, loss, gradients, grad norm, parameters and
 routing biases after 5 optimizer steps) to OUT/rank{r}.json for the test to judge. With
 `checkpointing` the real thing runs with train.activation_checkpointing (the reference without).
+With `fake_te` it runs with fp8.backend=te, TE played by tests/fake_te.py's fp32 stand-ins (so the
+reference's numbers still hold): the TE modules' wiring under expert parallelism and ZeRO. It then
+also saves a checkpoint, compares it with the reference, overwrites every parameter and loads
+the checkpoint back.
 
-    python -m torch.distributed.run --nproc_per_node 4 tests/distributed/ep_worker.py OUT EP ZERO [skew] [checkpointing]
+    python -m torch.distributed.run --nproc_per_node 4 tests/distributed/ep_worker.py OUT EP ZERO [skew] [checkpointing] [fake_te]
 """
 
 from __future__ import annotations
@@ -24,21 +28,28 @@ import model.transformer as transformer
 from model import DeepSeekV3
 from parallel import engine as pe
 from tests.support import TINY
+from train import checkpoint as ckpt_io
+from train.checkpoint import _full_master, _stacked, _zero_partitioned, checkpoint_tensors
 from train.config import load_config
 
 STEPS = 5
 LR = 1e-3
 
 
-def main(out: Path, ep: int, zero: int, skew: bool, checkpointing: bool) -> None:
+def main(out: Path, ep: int, zero: int, skew: bool, checkpointing: bool, fake_te: bool) -> None:
     info = pe.init_distributed("cpu", 120)
     rank, world = info.rank, info.world_size
     global_batch = 8
+    te_overrides = ["model.precision=fp8", "fp8.backend=te", "fp8.recipe=current"] if fake_te else []
+    if fake_te:
+        from tests import fake_te as fake
+
+        fake.install()
     cfg = load_config("configs/smoke.yaml", TINY + [
         f"parallel.ep={ep}", f"parallel.zero_stage={zero}", f"train.global_batch_size={global_batch}",
         f"train.micro_batch_size={global_batch // world}", f"optim.lr={LR}", "optim.weight_decay=0.1",
         "optim.grad_clip=0.05",  # small enough that clipping is active, so the norm matters
-        f"train.activation_checkpointing={checkpointing}",
+        f"train.activation_checkpointing={checkpointing}", *te_overrides,
     ])
     checkpointed = []  # the blocks the engine's forwards ran under torch's checkpoint, by class name
     real_checkpoint = transformer.checkpoint
@@ -98,8 +109,9 @@ def main(out: Path, ep: int, zero: int, skew: bool, checkpointing: bool) -> None
         note("loss", abs(loss.item() / world - ref_out.loss.item()))
         engine.backward(res.loss)
         if zero == 0:  # unpartitioned: the reduced gradients sit in .grad before the step
-            for name, p in engine.module.named_parameters():
-                note("grad", (p.grad - expert_slice(name, ref_grads[name])).abs().max())
+            for name, params, stacked in checkpoint_tensors(engine.module):
+                grad = _stacked([p.grad for p in params], stacked)
+                note("grad", (grad - expert_slice(name, ref_grads[name])).abs().max())
         engine.step()
         note("grad_norm", abs(engine.get_global_grad_norm() - ref_norm) / ref_norm)
         counts = res.expert_counts.detach().clone()
@@ -108,11 +120,30 @@ def main(out: Path, ep: int, zero: int, skew: bool, checkpointing: bool) -> None
         engine.module.update_routing_bias(counts, 1e-3)
         routed_to_rank0 = counts[:, :2].sum().item() / counts.sum().item()
 
-    from train.checkpoint import _full_master
+    def compare_params(key: str) -> None:
+        for name, params, stacked in checkpoint_tensors(engine.module):
+            expected = expert_slice(name, dict(ref.named_parameters())[name].detach())
+            note(key, (_stacked([_full_master(engine, p).cpu() for p in params], stacked) - expected).abs().max())
 
-    for name, p in engine.module.named_parameters():
-        expected = expert_slice(name, dict(ref.named_parameters())[name].detach())
-        note("params", (_full_master(engine, p).cpu() - expected).abs().max())
+    compare_params("params")
+    if fake_te:
+        diffs["te_modules"] = sorted({type(m).__name__ for m in engine.module.modules()
+                                      if type(m).__name__.startswith(("GroupedLinear", "RowAligned"))})
+        ckpt = ckpt_io.save(engine, layout, out / "run", STEPS, {"step": STEPS}, cfg.model, keep=1, rank=rank)
+        saved = ckpt_io.load_model_weights(ckpt)
+        diffs["saved_keys_match"] = sorted(saved) == sorted(ref.state_dict())
+        for name, value in ref.named_parameters():
+            note("saved", (saved[name] - value.detach()).abs().max())
+        with torch.no_grad():  # overwrite every weight and fp32 master, then load them back
+            for _, params, _ in checkpoint_tensors(engine.module):
+                for p in params:
+                    p.fill_(7.0)
+                    if _zero_partitioned(engine):
+                        from deepspeed.utils import safe_set_full_fp32_param
+
+                        safe_set_full_fp32_param(p, torch.full_like(p, 7.0))
+        ckpt_io.load_weights(engine, layout, ckpt)
+        compare_params("loaded")
     for name, b in engine.module.named_buffers():
         if name.endswith("e_score_correction_bias"):
             note("bias", (b - dict(ref.named_buffers())[name]).abs().max())
@@ -124,4 +155,6 @@ def main(out: Path, ep: int, zero: int, skew: bool, checkpointing: bool) -> None
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), "skew" in sys.argv[4:], "checkpointing" in sys.argv[4:])
+    flags = sys.argv[4:]
+    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), "skew" in flags, "checkpointing" in flags,
+         "fake_te" in flags)

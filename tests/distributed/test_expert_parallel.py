@@ -74,3 +74,22 @@ def test_expert_parallel_with_activation_checkpointing(tmp_path, zero):
         assert r.pop("checkpointed") == {"DecoderLayer": 2 * 5, "MTPModule": 5}  # 2 layers + 1 MTP depth, 5 steps
         assert p.pop("checkpointed") == {}
         assert r == p
+
+
+@pytest.mark.parametrize("nproc,ep,zero", [(2, 2, 0), (4, 2, 2)])
+def test_te_experts_under_expert_parallelism(tmp_path, nproc, ep, zero):
+    """fp8.backend=te with expert parallelism: each shard's local experts run in TE's
+    GroupedLinear behind the shard's all-to-all. TE is played by fp32 stand-ins
+    (tests/fake_te.py), so the single-process reference's tolerances hold; the checkpoint holds
+    the stacked expert tensors a plain model has (so it resumes at any precision and exports),
+    equal to the reference's, and loads back into the TE modules exactly."""
+    ranks = run_worker(tmp_path, nproc, ep, zero, "fake_te")
+    for r in ranks:
+        assert r["te_modules"] == ["GroupedLinearExpertParallelExperts", "RowAlignedFakeTELinear"], r
+        for key in ("logits", "loss", "params", "saved"):
+            assert r[key] <= TOL, (key, r)
+        assert r["grad_norm"] <= TOL, r
+        assert r["saved_keys_match"], r
+        assert r["loaded"] == r["params"], r  # back to exactly the trained values
+        if zero == 0:
+            assert r["grad"] <= TOL, r

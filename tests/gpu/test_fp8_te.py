@@ -91,6 +91,24 @@ def test_te_grouped_experts_agree_with_the_emulation(te):
     assert wrapped.state_dict().keys() == experts.state_dict().keys()
 
 
+def test_checkpoint_names_of_te_experts_are_the_plain_models(te):
+    """TE's GroupedLinear holds one weight per expert; checkpoints stack them back (train/checkpoint.py)."""
+    from train.checkpoint import checkpoint_tensors
+
+    cfg = make_config(hidden_size=256, moe_intermediate_size=128, precision="fp8")
+    torch.manual_seed(3)
+    plain = DeepSeekV3(cfg).cuda()
+    model = DeepSeekV3(cfg).cuda()
+    model.load_state_dict(plain.state_dict())
+    pf8.apply_fp8(model, Config(model=cfg, fp8=FP8Config(backend="te", recipe="blockwise")), "cuda")
+    assert any(type(m).__name__.startswith("GroupedLinear") for m in model.modules())
+    tensors = checkpoint_tensors(model)
+    assert [n for n, _, _ in tensors] == [n for n, _ in plain.named_parameters()]
+    want = dict(plain.named_parameters())
+    for name, params, stacked in tensors:
+        assert torch.equal(torch.stack(params) if stacked else params[0], want[name]), name
+
+
 def test_one_fp8_training_step_through_te(te):
     cfg = make_config(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_attention_heads=2,
                       q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128,

@@ -21,6 +21,7 @@ from model.linear import ACT_TILE, WEIGHT_TILE, WGRAD_TILE, FP8Linear, fp8_group
 from model.moe import Router, RoutedExperts, grouped_mm
 from model.norm import RMSNorm
 from parallel import fp8 as pf8
+from tests.fake_te import FakeGroupedLinear, FakeTELinear
 from tests.unit.helpers import build
 from train.config import Config, FP8Config
 
@@ -409,49 +410,7 @@ def test_hf_export_of_an_fp8_model_is_unchanged(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The TE adapters, driven by pure-torch stand-ins with TE's calling conventions
-
-
-class FakeTELinear(nn.Linear):
-    """te.Linear's interface: forward(x, is_first_microbatch=None); FP8 metadata in _extra_state."""
-
-    seen: list = []
-
-    def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
-        super().__init__(in_features, out_features, bias=bias, dtype=params_dtype, device=device)
-
-    def forward(self, x, is_first_microbatch=None):
-        assert x.dim() == 2 and x.shape[0] % 16 == 0, x.shape
-        FakeTELinear.seen.append(is_first_microbatch)
-        return super().forward(x)
-
-    def get_extra_state(self):
-        return torch.tensor([1.0])
-
-    def set_extra_state(self, state):
-        pass
-
-
-class FakeGroupedLinear(nn.Module):
-    """te.GroupedLinear's interface: weight0..weight{n-1}, forward(x, m_splits, is_first_microbatch)."""
-
-    def __init__(self, num_gemms, in_features, out_features, bias=True, params_dtype=None, device=None):
-        super().__init__()
-        self.num_gemms = num_gemms
-        for i in range(num_gemms):
-            self.register_parameter(f"weight{i}", nn.Parameter(torch.randn(out_features, in_features, dtype=params_dtype)))
-
-    def forward(self, x, m_splits, is_first_microbatch=None):
-        assert len(m_splits) == self.num_gemms and all(m % 16 == 0 for m in m_splits), m_splits
-        blocks = x.split(m_splits)
-        y = torch.cat([b @ getattr(self, f"weight{i}").t() for i, b in enumerate(blocks)])
-        return y.to(torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu") else y  # as TE does
-
-    def get_extra_state(self):
-        return torch.tensor([1.0])
-
-    def set_extra_state(self, state):
-        pass
+# The TE adapters, driven by pure-torch stand-ins with TE's calling conventions (tests/fake_te.py)
 
 
 def test_te_linear_adapter_pads_rows_passes_the_flag_and_keeps_the_state_dict():
@@ -507,6 +466,29 @@ def test_grouped_linear_experts_match_routed_experts_and_keep_stacked_state():
     wrapped.load_state_dict(new)  # strict: stacked keys in, per-expert weights filled
     assert torch.equal(wrapped.down.weight3, new["down_proj"][3])
     assert torch.equal(wrapped.state_dict()["gate_up_proj"], new["gate_up_proj"])
+
+
+def test_checkpoints_name_te_experts_as_a_plain_model_names_its_parameters(monkeypatch):
+    """Under fp8.backend=te the experts' parameters are per-expert weights (weight0..); the
+    checkpoint (train/checkpoint.py checkpoint_tensors) stacks them under the plain model's
+    names, in the plain model's parameter order, with the plain model's values."""
+    from tests import fake_te
+    from train.checkpoint import checkpoint_tensors
+
+    # fake_te.install() replaces these two; monkeypatch puts the real ones back after the test
+    monkeypatch.setattr(pf8, "_require_te", pf8._require_te)
+    monkeypatch.setattr(pf8, "import_te", pf8.import_te)
+    fake_te.install()
+    plain, model = build(seed=4, moe_intermediate_size=32), build(seed=4, moe_intermediate_size=32)  # TE-aligned
+    pf8.apply_fp8(model, fp8_config(model.cfg, backend="te", recipe="current"), "cpu")
+    assert any(".experts.gate_up.weight0" in n for n, _ in model.named_parameters())
+    tensors = checkpoint_tensors(model)
+    assert [n for n, _, _ in tensors] == [n for n, _ in plain.named_parameters()]
+    want = dict(plain.named_parameters())
+    for name, params, stacked in tensors:
+        value = torch.stack(params) if stacked else params[0]
+        assert stacked == name.endswith(("experts.gate_up_proj", "experts.down_proj")), name
+        assert torch.equal(value, want[name]), name
 
 
 def test_te_linear_adapter_forward_is_row_padding_only():
