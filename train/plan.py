@@ -220,6 +220,9 @@ def format_plan(r: dict) -> str:
     m, lay = r["memory_per_gpu_bytes"], r["layout"]
     parts = ", ".join(f"{k} {m[k] / gib:.1f}" for k in ("weights", "grads", "optimizer_states", "activations"))
     verdict = "fits" if r["fits"] else "does NOT fit"
+    fp8_note = (["fp8 weights as this system runs them: fp32 module weights (the master, 4 B/param) plus a 2 B "
+                 "working copy of each GEMM weight; the report's FP8 primary weights are not built here"]
+                if lay["precision"] == "fp8" else [])
     return "\n".join([
         f"params: {human(r['params_total'])} total (+{human(r['params_mtp'])} MTP), "
         f"{human(r['params_active'])} active per token",
@@ -231,6 +234,7 @@ def format_plan(r: dict) -> str:
         f"{lay['seq_len']} tokens",
         f"memory per GPU (GiB): {parts}; total {m['total'] / gib:.1f} of {r['usable_gpu_mem_bytes'] / gib:.1f} "
         f"usable -> {verdict}",
+        *fp8_note,
         f"tokens/step: {r['tokens_per_step']:,}; step time ~{r['step_time_s']:.1f} s at MFU {r['mfu']:.2f} of "
         f"{r['peak_flops'] / 1e12:.0f} TFLOP/s",
         f"GPU-hours per trillion tokens: {r['gpu_hours_per_trillion_tokens']:,.0f} "

@@ -11,7 +11,7 @@ import torch
 from model import DeepSeekV3
 from tests.support import run_cli
 from train.config import load_config
-from train.plan import plan
+from train.plan import format_plan, plan
 
 PARTS = ("weights", "grads", "optimizer_states", "activations")
 
@@ -44,6 +44,8 @@ def test_671b_fits_in_bf16_not_in_fp8_as_this_system_runs_it(v3):
     # fp8 keeps fp32 module weights (DeepSpeed in fp32) plus 2-byte working copies of the GEMM
     # weights: 27.8B local parameters x 4 B alone exceed 80 GB
     assert v3["fits"] is False
+    text = format_plan(v3)
+    assert "-> does NOT fit" in text and "fp32 module weights (the master" in text  # and why
     local = v3["params_dense"] + v3["params_expert"] / 64
     assert v3["memory_per_gpu_bytes"]["weights"] > 4 * local
     bf16 = plan(load_config("configs/671b.yaml", ["model.precision=bf16"]))
