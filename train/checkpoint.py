@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import heapq
 import json
+import math
 import os
 import random
 import re
@@ -473,6 +474,7 @@ class TensorReader:
             self._files.close()
             raise
         self._expert_keys = {k for keys in self._shards.values() for k in keys}
+        self.bytes_read = 0  # tensor bytes read from the files so far
 
     def _add(self, index: dict, path: Path) -> None:
         fh = self._files.enter_context(safe_open(str(path), framework="pt"))
@@ -494,8 +496,40 @@ class TensorReader:
         return key in self._dense or key in self._expert_keys
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        value = self._dense[key].get_tensor(key) if key in self._dense else self._expert_rows(key, self.experts)
+        self.bytes_read += value.nbytes
+        return value
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """self[key].shape, read from the file headers only."""
         if key in self._dense:
-            return self._dense[key].get_tensor(key)
+            return tuple(self._dense[key].get_slice(key).get_shape())
+        if key not in self._expert_keys:
+            raise KeyError(f"{self.ckpt}: no tensor {key}")
+        shapes = [tuple(keys[key].get_slice(key).get_shape()) for keys in self._shards.values() if key in keys]
+        first, last = self.experts or (0, sum(s[0] for s in shapes))
+        return (last - first, *shapes[0][1:])
+
+    def flat_range(self, key: str, start: int, numel: int) -> torch.Tensor:
+        """Elements [start, start + numel) of self[key].flatten(), reading only the rows that hold
+        them (a ZeRO partition's fragment of a tensor: a resume reads its own share of the
+        optimizer moments, not every rank all of them)."""
+        shape = self.shape(key)
+        if start < 0 or start + numel > math.prod(shape):
+            raise ValueError(f"{self.ckpt}: elements [{start}, {start + numel}) of {key}, which has shape {shape}")
+        row = math.prod(shape[1:])  # elements per row (1 for a vector)
+        r0, r1 = start // row, -(-(start + numel) // row)
+        if key in self._dense:
+            rows = self._dense[key].get_slice(key)[r0:r1]
+        else:
+            first = self.experts[0] if self.experts else 0
+            rows = self._expert_rows(key, (first + r0, first + r1))
+        self.bytes_read += rows.nbytes
+        return rows.reshape(-1)[start - r0 * row:start - r0 * row + numel]
+
+    def _expert_rows(self, key: str, experts: tuple[int, int] | None) -> torch.Tensor:
+        """Experts [first, last) of a stacked expert tensor (all of them for None), from however
+        many shard files hold them."""
         if key not in self._expert_keys:
             raise KeyError(f"{self.ckpt}: no tensor {key}")
         parts, start = [], 0  # start: global id of the current shard's first expert
@@ -504,11 +538,11 @@ class TensorReader:
                 raise KeyError(f"{self.ckpt}: expert shard {shard} has no {key}")
             piece = self._shards[shard][key].get_slice(key)
             end = start + piece.get_shape()[0]
-            lo, hi = (start, end) if self.experts is None else (max(self.experts[0], start), min(self.experts[1], end))
+            lo, hi = (start, end) if experts is None else (max(experts[0], start), min(experts[1], end))
             if lo < hi:
                 parts.append(piece[lo - start:hi - start])
             start = end
-        first, last = self.experts or (0, start)
+        first, last = experts or (0, start)
         if sum(t.shape[0] for t in parts) != last - first:
             raise ValueError(f"{self.ckpt}: {key} holds {start} experts; experts [{first}, {last}) were asked for")
         return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -527,23 +561,32 @@ def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def load(engine, layout, ckpt: Path) -> dict:
     """Restore model and optimizer state into this rank's (possibly resharded) engine; returns
-    the client state (step, data position, RNG)."""
+    the client state (step, data position, RNG), with `read_bytes`: the tensor bytes this rank
+    read."""
     client = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-    load_weights(engine, layout, ckpt)
+    read_bytes = load_weights(engine, layout, ckpt)
     partitioned = _zero_partitioned(engine)
     _link_optimizer_state(engine)
     with TensorReader(ckpt, "optim", layout.expert_range) as moments:
         for name, params, stacked in checkpoint_tensors(engine.module):
+            want = (len(params), *params[0].shape) if stacked else tuple(params[0].shape)
             for key in ADAM_KEYS:
-                saved = moments[f"{key}.{name}"]
+                saved_key = f"{key}.{name}"
+                if moments.shape(saved_key) != want:
+                    raise ValueError(f"checkpoint tensor {saved_key} has shape {moments.shape(saved_key)}, model {want}")
+                if partitioned:  # each rank reads only the fragments its ZeRO partition holds
+                    for i, p in enumerate(params):
+                        fragment = p._hp_mapping  # None: no part of p in this rank's partition
+                        if fragment is not None:
+                            at = fragment.lp_fragment_address
+                            value = moments.flat_range(saved_key, i * p.numel() * stacked + at.start, at.numel)
+                            fragment.get_hp_fragment(key).data.copy_(value)
+                    continue
+                saved = moments[saved_key]
                 for p, value in zip(params, saved.unbind(0) if stacked else [saved]):
-                    if partitioned:
-                        from deepspeed.utils import safe_set_full_optimizer_state
-
-                        safe_set_full_optimizer_state(p, value.to(p.device), key)
-                    else:
-                        state = engine.optimizer.state[p]
-                        state[key] = value.to(device=p.device, dtype=torch.float32).clone()
+                    state = engine.optimizer.state[p]
+                    state[key] = value.to(device=p.device, dtype=torch.float32).clone()
+        read_bytes += moments.bytes_read
     step_count = client["optimizer_step"]
     inner = engine.optimizer.optimizer if partitioned else engine.optimizer
     # Each tensor the torch optimizer steps: the parameters at ZeRO-0, the flat fp32 partitions
@@ -560,12 +603,13 @@ def load(engine, layout, ckpt: Path) -> dict:
             else:
                 state["step"] = torch.tensor(float(step_count), dtype=torch.float32,
                                              device=p.device if on_device else "cpu")
-    return client
+    return {**client, "read_bytes": read_bytes}
 
 
-def load_weights(engine, layout, ckpt: Path) -> None:
+def load_weights(engine, layout, ckpt: Path) -> int:
     """Set module parameters (and ZeRO's fp32 masters) and routing biases from a checkpoint's
-    model tensors, reading only this rank's experts (resume and weights-only start)."""
+    model tensors, reading only this rank's experts (resume and weights-only start); returns the
+    tensor bytes read."""
     partitioned = _zero_partitioned(engine)
     with TensorReader(ckpt, "model", layout.expert_range) as weights, torch.no_grad():
         tensors = checkpoint_tensors(engine.module)
@@ -586,6 +630,7 @@ def load_weights(engine, layout, ckpt: Path) -> None:
         for name, b in engine.module.named_buffers():
             if name in weights:
                 b.copy_(weights[name].to(b.dtype))
+        return weights.bytes_read
 
 
 def save_weights_only(state_dict: dict[str, torch.Tensor], run_dir: Path, model_cfg: ModelConfig) -> Path:

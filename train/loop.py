@@ -174,7 +174,9 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         if changed:
             _log0(rank, f"warning: {changed}")
         ckpt_io.set_rng_state(client["rng"])
-        _log0(rank, f"resumed from {resume_from} at step {step}")
+        read = client["read_bytes"]
+        read = f"{read / 2**30:.2f} GiB" if read >= 2**30 else f"{read / 2**20:.1f} MiB"
+        _log0(rank, f"resumed from {resume_from} at step {step} (rank 0 read {read} of weights and moments)")
     elif meta:
         ckpt_io.load_weights(engine, layout, resume_from)
         _log0(rank, f"starting from the weights in {resume_from} (step 0, fresh optimizer)")

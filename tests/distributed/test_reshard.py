@@ -4,13 +4,14 @@ equals continuing at EP=2 (within 1e-5; seen ≤ 1e-6), and every run writes the
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
 import torch
 
 from tests.support import rows, run_cli
-from train.checkpoint import load_model_weights
+from train.checkpoint import load_model_weights, read_tensors
 
 pytestmark = pytest.mark.distributed
 
@@ -26,11 +27,13 @@ def test_resume_across_ep_and_world_sizes(tiny_data, tmp_path):
         "ep4_w4_zero0": (4, ["parallel.ep=4", "parallel.zero_stage=0", "train.micro_batch_size=2"]),
         "ep2_w4_zero1": (4, ["parallel.ep=2", "parallel.zero_stage=1", "train.micro_batch_size=2"]),
     }
-    losses, weights = {}, {}
+    losses, weights, read_mib = {}, {}, {}
     for name, (nproc, extra) in layouts.items():
         run = tmp_path / name
         shutil.copytree(saved, run)
-        run_cli("train", "configs/smoke.yaml", *base, "train.steps=4", *extra, f"train.run_dir={run}", nproc=nproc)
+        proc = run_cli("train", "configs/smoke.yaml", *base, "train.steps=4", *extra, f"train.run_dir={run}",
+                       nproc=nproc)
+        read_mib[name] = float(re.search(r"\(rank 0 read ([0-9.]+) MiB of weights and moments\)", proc.stderr)[1])
         (step4,) = [r for r in rows(run) if r["step"] == 4]
         losses[name] = (step4["loss"], step4["lm_loss"], step4["grad_norm"])
         weights[name] = load_model_weights(run / "checkpoints" / "step_00000004")
@@ -40,6 +43,13 @@ def test_resume_across_ep_and_world_sizes(tiny_data, tmp_path):
     for name, w in weights.items():
         for k, v in w.items():
             torch.testing.assert_close(v, weights["ep2_w2_zero2"][k], atol=1e-5, rtol=0, msg=f"{name} {k}")
+    # one process reads every tensor of the checkpoint; under ZeRO a rank reads only its own
+    # fragments of the optimizer moments (and its own experts)
+    step3 = saved / "checkpoints" / "step_00000003"
+    everything = sum(t.nbytes for kind in ("model", "optim") for t in read_tensors(step3, kind).values())
+    assert read_mib["ep1_w1_zero0"] == pytest.approx(everything / 2**20, abs=0.05)
+    assert read_mib["ep2_w2_zero2"] < 0.75 * read_mib["ep1_w1_zero0"], read_mib
+    assert read_mib["ep2_w4_zero1"] < read_mib["ep2_w2_zero2"], read_mib
 
 
 def test_weights_only_start_under_expert_parallelism(tiny_data, tmp_path):

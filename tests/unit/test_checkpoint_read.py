@@ -91,3 +91,23 @@ def test_one_tensor_in_two_parts_is_an_error(tmp_path):
     save_file({"embed_tokens.weight": torch.zeros(5, 2)}, str(tmp_path / "ckpt" / "model-dense-part1-of-2.safetensors"))
     with pytest.raises(ValueError, match="embed_tokens.weight is in two files"):
         read_tensors(tmp_path / "ckpt", "model")
+
+
+@pytest.mark.parametrize("experts", [None, (2, 6), (1, 7)])
+def test_flat_ranges_read_only_their_rows(tmp_path, experts):
+    """flat_range (a ZeRO fragment of a moment on resume) equals the same range of the whole
+    tensor, for ranges inside one row, across rows and across expert shard files."""
+    full = _checkpoint(tmp_path / "ckpt", 4)
+    g = torch.Generator().manual_seed(1)
+    vector = torch.randn(10, generator=g)
+    save_file({"norm.weight": vector}, str(tmp_path / "ckpt" / "model-dense-part1-of-2.safetensors"))
+    first, last = experts or (0, 8)
+    with TensorReader(tmp_path / "ckpt", "model", experts) as reader:
+        assert reader.shape(KEY) == (last - first, 3, 2) and reader.shape("norm.weight") == (10,)
+        local = full[first:last].flatten()
+        for start, numel in [(0, 1), (1, 4), (5, 7), (0, local.numel()), (local.numel() - 3, 3)]:
+            assert torch.equal(reader.flat_range(KEY, start, numel), local[start:start + numel]), (start, numel)
+        assert torch.equal(reader.flat_range("norm.weight", 3, 5), vector[3:8])
+        assert torch.equal(reader.flat_range("embed_tokens.weight", 3, 4), torch.ones(4))
+        with pytest.raises(ValueError, match=r"elements \[.*\) of .*down_proj, which has shape"):
+            reader.flat_range(KEY, local.numel() - 2, 3)  # past this rank's experts
