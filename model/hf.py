@@ -9,10 +9,16 @@ skips those MTP layers when loading. Weights stored as float8_e4m3fn with a 128Ã
 
 Our modules keep the experts of a layer stacked (`gate_up_proj` (E, 2I, d), `down_proj` (E, d, I));
 everything else has the same name as in HF, under `model.` (see DeepSeekV3).
+
+Both directions stream: `write_hf` takes our tensors one at a time from a lazy source (a
+checkpoint's TensorReader for `dsv3 export-hf`) and writes each shard as it fills; `read_hf` opens
+a directory as a lazy source under our names (`dsv3 import-hf` writes it a layer at a time).
+`save_pretrained` / `from_pretrained` are the in-memory forms for a model object.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -92,97 +98,169 @@ def config_from_hf(d: dict) -> ModelConfig:
     return ModelConfig(**kw)
 
 
-# ---------------------------------------------------------------- state dict
-def _block_to_hf(prefix: str, block_sd: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
-    """One decoder block's tensors (names relative to the block) into HF keys under prefix."""
-    for name, t in block_sd.items():
-        if name == "mlp.experts.gate_up_proj":
+# ---------------------------------------------------------------- names
+# Both directions go tensor by tensor over a lazy source (a checkpoint reader, or a state dict), so
+# a conversion holds one of our tensors (at 671B a layer's stacked experts, ~30 GB in fp32) and
+# one output shard at a time, never the model: 671B in fp32 is 2.7 TB.
+_MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+            "norm.weight": "shared_head.norm.weight"}  # MTP module k's own parts: ours -> HF (in its layer)
+_STACKED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def _hf_name(key: str, cfg: ModelConfig) -> str:
+    """Our parameter or buffer name -> the HF name it is stored under (for stacked experts: the
+    per-expert prefix `....mlp.experts.` followed by the stacked name)."""
+    if key == "lm_head.weight":
+        return key
+    if key in ("embed_tokens.weight", "norm.weight") or key.startswith("layers."):
+        return "model." + key
+    if key.startswith("mtp."):
+        depth, rest = key[len("mtp."):].split(".", 1)
+        layer = f"model.layers.{cfg.num_hidden_layers + int(depth)}."
+        if rest in _MTP_OWN:
+            return layer + _MTP_OWN[rest]
+        if rest.startswith("block."):
+            return layer + rest[len("block."):]
+    raise KeyError(f"no HF name for {key}")
+
+
+def hf_tensors(source, cfg: ModelConfig):
+    """(HF name, tensor) for every tensor of our model in `source` (a mapping from our names:
+    a TensorReader or a state dict), one of our tensors read at a time. Stacked experts come out
+    one tensor per expert; each MTP module also carries copies of the embedding and head, as the
+    release stores them."""
+    for key in sorted(source.keys(), key=_layer_order):
+        name = _hf_name(key, cfg)
+        t = source[key]
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
             gate, up = t.chunk(2, dim=1)  # (E, I, d) each
             for e in range(t.shape[0]):
-                out[f"{prefix}mlp.experts.{e}.gate_proj.weight"] = gate[e]
-                out[f"{prefix}mlp.experts.{e}.up_proj.weight"] = up[e]
-        elif name == "mlp.experts.down_proj":
+                yield f"{prefix}{e}.gate_proj.weight", gate[e]
+                yield f"{prefix}{e}.up_proj.weight", up[e]
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
             for e in range(t.shape[0]):
-                out[f"{prefix}mlp.experts.{e}.down_proj.weight"] = t[e]
+                yield f"{prefix}{e}.down_proj.weight", t[e]
         else:
-            out[prefix + name] = t
+            yield name, t
+    for k in range(cfg.num_nextn_predict_layers):
+        layer = f"model.layers.{cfg.num_hidden_layers + k}."
+        yield layer + "embed_tokens.weight", source["embed_tokens.weight"]
+        yield layer + "shared_head.head.weight", source["lm_head.weight"]
 
 
-def _sub(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+def _layer_order(key: str) -> tuple:
+    """Sort key: top-level tensors, then decoder layers and MTP modules in order, so output shards
+    fill layer by layer."""
+    parts = key.split(".")
+    if parts[0] == "layers":
+        return (1, int(parts[1]), key)
+    if parts[0] == "mtp":
+        return (2, int(parts[1]), key)
+    return (0, 0, key)
 
 
 def state_dict_to_hf(model: DeepSeekV3) -> dict[str, torch.Tensor]:
-    cfg = model.cfg
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    out = {
-        "model.embed_tokens.weight": sd["embed_tokens.weight"],
-        "model.norm.weight": sd["norm.weight"],
-        "lm_head.weight": sd["lm_head.weight"],
-    }
-    for i in range(cfg.num_hidden_layers):
-        _block_to_hf(f"model.layers.{i}.", _sub(sd, f"layers.{i}."), out)
-    for k in range(cfg.num_nextn_predict_layers):
-        p, mine = f"model.layers.{cfg.num_hidden_layers + k}.", f"mtp.{k}."
-        for part in ("enorm.weight", "hnorm.weight", "eh_proj.weight"):
-            out[p + part] = sd[mine + part]
-        out[p + "shared_head.norm.weight"] = sd[mine + "norm.weight"]
-        # The release stores its own copies of the shared embedding and head with each MTP layer.
-        out[p + "embed_tokens.weight"] = sd["embed_tokens.weight"]
-        out[p + "shared_head.head.weight"] = sd["lm_head.weight"]
-        _block_to_hf(p, _sub(sd, mine + "block."), out)
-    return out
+    """The model's tensors under HF names, in memory."""
+    return {k: v.detach() for k, v in hf_tensors(model.state_dict(), model.cfg)}
 
 
-_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+class HFReader:
+    """An HF DeepseekV3 directory's tensors under our names (`keys()`: every parameter and buffer
+    of the config's model), each built when asked for: experts stacked from their per-expert
+    tensors, FP8 weights (the release's `weight_scale_inv`) dequantised, MTP modules freshly
+    initialised when the directory has none. Opened by `read_hf`, which checks names and shapes
+    first; a context manager: the files stay open inside it."""
 
-
-def _block_from_hf(hf: dict[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
-    """HF tensors of one block (names relative to it) into our names, stacking experts."""
-    out, experts = {}, {}
-    for name, t in hf.items():
-        m = _EXPERT.match(name)
-        if m:
-            experts[(int(m.group(1)), m.group(2))] = t
+    def __init__(self, path: Path, cfg: ModelConfig):
+        self.path, self.cfg = path, cfg
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         else:
-            out[name] = t
-    if experts:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no *.safetensors files")
+        self._stack = contextlib.ExitStack()
+        self._where: dict[str, object] = {}  # HF name -> open file
         try:
-            gate = torch.stack([experts[(e, "gate_proj")] for e in range(n_experts)])
-            up = torch.stack([experts[(e, "up_proj")] for e in range(n_experts)])
-            down = torch.stack([experts[(e, "down_proj")] for e in range(n_experts)])
+            for name in files:
+                fh = self._stack.enter_context(safe_open(str(path / name), framework="pt"))
+                self._where.update(dict.fromkeys(fh.keys(), fh))
+        except BaseException:
+            self._stack.close()
+            raise
+        if any(k.endswith(".experts.gate_up_proj") for k in self._where):
+            self._stack.close()
+            raise ValueError(f"{path}: fused expert tensors are not supported; save with transformers' save_pretrained")
+        with torch.device("meta"):
+            self.model = DeepSeekV3(cfg)  # shapes, dtypes and the seed of fresh MTP weights
+        self._fresh: dict[str, torch.Tensor] | None = None
+        self.fresh_mtp = False
+
+    def __enter__(self) -> HFReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def keys(self) -> list[str]:
+        return list(self.model.state_dict())
+
+    def _hf(self, name: str) -> torch.Tensor:
+        t = self._where[name].get_tensor(name)
+        scale = name + "_scale_inv"  # `X.weight` -> `X.weight_scale_inv`
+        return dequantize_fp8_blockwise(t, self._where[scale].get_tensor(scale)) if scale in self._where else t
+
+    def _stored(self, key: str) -> bool:
+        name = _hf_name(key, self.cfg)
+        if name.endswith(_STACKED):
+            return name[: name.rindex(".") + 1] + "0.down_proj.weight" in self._where
+        return name in self._where
+
+    def _stored_shape(self, key: str) -> tuple[int, ...]:
+        name = _hf_name(key, self.cfg)
+        if not name.endswith(_STACKED):
+            return tuple(self._where[name].get_slice(name).get_shape())
+        prefix, n = name[: name.rindex(".") + 1], self.cfg.n_routed_experts
+        if name.endswith("gate_up_proj"):
+            rows, cols = self._where[prefix + "0.gate_proj.weight"].get_slice(prefix + "0.gate_proj.weight").get_shape()
+            return (n, 2 * rows, cols)
+        return (n, *self._where[prefix + "0.down_proj.weight"].get_slice(prefix + "0.down_proj.weight").get_shape())
+
+    def check(self) -> None:
+        """Every tensor the config needs is stored with its shape (only the MTP modules may be
+        missing, all of them: they then start fresh). Reads headers only."""
+        expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        missing = sorted(k for k in expected if not self._stored(k))
+        self.fresh_mtp = bool(missing) and all(k.startswith("mtp.") for k in missing)
+        if self.fresh_mtp:
+            log.warning("%s: no MTP weights for num_nextn_predict_layers=%d; MTP modules start from a fresh init",
+                        self.path, self.cfg.num_nextn_predict_layers)
+        elif missing:
+            raise KeyError(f"{self.path}: checkpoint lacks {missing[0]} (and {len(missing) - 1} more) for this config")
+        for k, shape in expected.items():
+            if self._stored(k) and self._stored_shape(k) != shape:
+                raise ValueError(f"{self.path}: {k} has shape {self._stored_shape(k)}, config expects {shape}")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self.fresh_mtp and key.startswith("mtp."):
+            if self._fresh is None:
+                self._fresh = fresh_mtp_weights(self.model)
+            return self._fresh[key]
+        name = _hf_name(key, self.cfg)
+        if not name.endswith(_STACKED):
+            return self._hf(name)
+        prefix, n = name[: name.rindex(".") + 1], self.cfg.n_routed_experts
+        try:
+            if name.endswith("gate_up_proj"):
+                gate = torch.stack([self._hf(f"{prefix}{e}.gate_proj.weight") for e in range(n)])
+                up = torch.stack([self._hf(f"{prefix}{e}.up_proj.weight") for e in range(n)])
+                return torch.cat([gate, up], dim=1)
+            return torch.stack([self._hf(f"{prefix}{e}.down_proj.weight") for e in range(n)])
         except KeyError as err:
-            raise KeyError(f"checkpoint lacks expert weight {err.args[0]} (expected {n_experts} experts)") from None
-        out["mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)
-        out["mlp.experts.down_proj"] = down
-    return out
-
-
-_MTP_EXTRA = {"enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
-              "embed_tokens.weight", "shared_head.head.weight"}
-
-
-def state_dict_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    L = cfg.num_hidden_layers
-    out = {
-        "embed_tokens.weight": hf["model.embed_tokens.weight"],
-        "norm.weight": hf["model.norm.weight"],
-        "lm_head.weight": hf["lm_head.weight"],
-    }
-    for i in range(L):
-        for k, v in _block_from_hf(_sub(hf, f"model.layers.{i}."), cfg.n_routed_experts).items():
-            out[f"layers.{i}.{k}"] = v
-    for k in range(cfg.num_nextn_predict_layers):
-        layer = _sub(hf, f"model.layers.{L + k}.")
-        if not layer:
-            continue  # no MTP weights stored (transformers' own save_pretrained drops them)
-        for part in ("enorm.weight", "hnorm.weight", "eh_proj.weight"):
-            out[f"mtp.{k}.{part}"] = layer[part]
-        out[f"mtp.{k}.norm.weight"] = layer["shared_head.norm.weight"]
-        block = {n: t for n, t in layer.items() if n not in _MTP_EXTRA}
-        for n, t in _block_from_hf(block, cfg.n_routed_experts).items():
-            out[f"mtp.{k}.block.{n}"] = t
-    return out
+            raise KeyError(f"checkpoint lacks expert weight {err.args[0]} (expected {n} experts)") from None
 
 
 # ---------------------------------------------------------------- FP8 (release format)
@@ -199,27 +277,9 @@ def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor, bloc
 
 
 # ---------------------------------------------------------------- files
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors files")
-    tensors = {}
-    for name in files:
-        with safe_open(str(path / name), framework="pt") as f:
-            for k in f.keys():
-                tensors[k] = f.get_tensor(k)
-    for k in [k for k in tensors if k.endswith(".weight_scale_inv")]:
-        wkey = k[: -len("_scale_inv")]
-        tensors[wkey] = dequantize_fp8_blockwise(tensors[wkey], tensors.pop(k))
-    return tensors
-
-
-def from_pretrained(path: str | Path, **overrides) -> DeepSeekV3:
-    """Build our model from an HF-format directory (config.json + safetensors). Overrides go to ModelConfig."""
+def read_hf(path: str | Path, **overrides) -> HFReader:
+    """An HF-format directory (config.json + safetensors) opened for reading under our names, its
+    names and shapes checked against its config (overrides go to ModelConfig); nothing read yet."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
@@ -227,61 +287,77 @@ def from_pretrained(path: str | Path, **overrides) -> DeepSeekV3:
     cfg = config_from_hf(json.loads(cfg_file.read_text()))
     if overrides:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
-    hf = _read_safetensors(path)
-    if "model.layers.0.mlp.experts.gate_up_proj" in hf or any(".experts.gate_up_proj" in k for k in hf):
-        raise ValueError(f"{path}: fused expert tensors are not supported; save with transformers' save_pretrained")
-    with torch.device("meta"):
-        model = DeepSeekV3(cfg)
-    ours = state_dict_from_hf(hf, cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(ours))
-    fresh_mtp = bool(missing) and all(k.startswith("mtp.") for k in missing)
-    if fresh_mtp:
-        log.warning("%s: no MTP weights for num_nextn_predict_layers=%d; MTP modules start from a fresh init",
-                    path, cfg.num_nextn_predict_layers)
-    elif missing:
-        raise KeyError(f"{path}: checkpoint lacks {missing[0]} (and {len(missing) - 1} more) for this config")
-    for k, v in expected.items():
-        if k in ours and ours[k].shape != v.shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(ours[k].shape)}, config expects {tuple(v.shape)}")
-    model.to_empty(device="cpu")
-    if fresh_mtp:
-        init_weights(model.mtp, cfg.initializer_range, model.init_seed, prefix="mtp")
-        model.load_state_dict({k: ours[k].to(v.dtype) for k, v in expected.items() if k in ours}, strict=False)
-    else:
-        model.load_state_dict({k: ours[k].to(v.dtype) for k, v in expected.items()}, strict=True)
+    reader = HFReader(path, cfg)
+    try:
+        reader.check()
+    except BaseException:
+        reader.__exit__(None, None, None)
+        raise
+    return reader
+
+
+def fresh_mtp_weights(model: DeepSeekV3) -> dict[str, torch.Tensor]:
+    """Initial weights for the MTP modules of a meta-device `model` (for an HF checkpoint without
+    MTP layers: transformers' own save_pretrained drops them), as the model's seed draws them."""
+    mtp = model.mtp.to_empty(device="cpu")
+    init_weights(mtp, model.cfg.initializer_range, model.init_seed, prefix="mtp")
+    return {f"mtp.{k}": v for k, v in mtp.state_dict().items()}
+
+
+def from_pretrained(path: str | Path, **overrides) -> DeepSeekV3:
+    """Build our model from an HF-format directory (config.json + safetensors), in memory."""
+    with read_hf(path, **overrides) as reader:
+        model = reader.model
+        dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+        tensors = {k: reader[k].to(dtypes[k]) for k in reader.keys()}
+    model.load_state_dict(tensors, strict=True, assign=True)
     return model
 
 
 def save_pretrained(model: DeepSeekV3, path: str | Path, max_shard_bytes: int = 5 * 1024**3) -> None:
     """Write config.json and safetensors shards that transformers' AutoModelForCausalLM loads."""
+    write_hf(model.state_dict(), model.cfg, path, max_shard_bytes)
+
+
+def write_hf(source, cfg: ModelConfig, path: str | Path, max_shard_bytes: int = 5 * 1024**3,
+             dtype: torch.dtype | None = None) -> None:
+    """config.json and safetensors shards of at most max_shard_bytes (one tensor larger than that
+    gets a shard of its own) from `source` (our names -> tensors, read lazily: see hf_tensors),
+    each shard written as soon as it is full; tensors cast to `dtype` (None: as stored)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = config_to_hf(model.cfg)
-    tensors = {k: v.contiguous().cpu() for k, v in state_dict_to_hf(model).items()}
-    # safetensors refuses tensors sharing storage (the MTP copies of embedding and head)
-    tensors = {k: v.clone() for k, v in tensors.items()}
-    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    shards, current, size = [], {}, 0
-    for k in sorted(tensors):
-        nbytes = tensors[k].numel() * tensors[k].element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[k] = tensors[k]
-        size += nbytes
-    shards.append(current)
+    config = config_to_hf(cfg)
     meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata=meta)
+    written, current, size, total, dtypes = [], {}, 0, 0, set()
+
+    def flush() -> None:
+        # numbered as they fill; renamed to the -of-N names once N is known
+        name = f"model-{len(written) + 1:05d}.safetensors.partial"
+        save_file(current, str(path / name), metadata=meta)
+        written.append((name, list(current)))
+
+    for name, t in hf_tensors(source, cfg):
+        # contiguous copies: safetensors refuses views and tensors sharing storage (the MTP copies
+        # of the embedding and head)
+        t = t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous().clone()
+        dtypes.add(t.dtype)
+        if current and size + t.nbytes > max_shard_bytes:
+            flush()
+            current, size = {}, 0
+        current[name] = t
+        size += t.nbytes
+        total += t.nbytes
+    flush()
+    config["torch_dtype"] = str(max(dtypes, key=lambda d: d.itemsize)).removeprefix("torch.")
+    if len(written) == 1:
+        (path / written[0][0]).rename(path / "model.safetensors")
     else:
         weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / name), metadata=meta)
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        for i, (partial, keys) in enumerate(written, start=1):
+            final = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+            (path / partial).rename(path / final)
+            weight_map.update(dict.fromkeys(keys, final))
         (path / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
         )
     (path / "config.json").write_text(json.dumps(config, indent=2))

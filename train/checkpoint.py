@@ -633,15 +633,28 @@ def load_weights(engine, layout, ckpt: Path) -> int:
         return weights.bytes_read
 
 
-def save_weights_only(state_dict: dict[str, torch.Tensor], run_dir: Path, model_cfg: ModelConfig) -> Path:
-    """A step-0 checkpoint holding only weights (from `dsv3 import-hf`, or tests)."""
+def save_weights_only(tensors, run_dir: Path, model_cfg: ModelConfig) -> Path:
+    """A step-0 checkpoint holding only weights (from `dsv3 import-hf`, or tests). `tensors`: our
+    names -> tensors (a state dict, or a lazy source such as model.hf.HFReader), read and written
+    one layer at a time: a part file of dense tensors per layer, one of experts per MoE layer."""
     ckpt = run_dir / "checkpoints" / tag_for(0)
     ckpt.mkdir(parents=True, exist_ok=True)
-    dense = {k: v.contiguous().float() for k, v in state_dict.items() if not is_expert_name(k)}
-    experts = {k: v.contiguous().float() for k, v in state_dict.items() if is_expert_name(k)}
-    files = [_dense_files(0, 1)[0], _expert_files_for(1, 0, 0, 1)[0]]
-    save_file(dense, str(ckpt / files[0]))
-    save_file(experts, str(ckpt / files[1]))
+    groups: dict[str, list[str]] = {}  # "", "layers.3", "mtp.0" -> keys
+    for key in tensors.keys():
+        parts = key.split(".")
+        groups.setdefault(".".join(parts[:2]) if parts[0] in ("layers", "mtp") else "", []).append(key)
+    order = sorted(groups, key=lambda g: (g.split(".")[0], int(g.split(".")[1]) if g else -1))
+    with_experts = [g for g in order if any(is_expert_name(k) for k in groups[g])]
+    files = []
+    for i, group in enumerate(order):
+        dense = [k for k in groups[group] if not is_expert_name(k)]
+        experts = [k for k in groups[group] if is_expert_name(k)]
+        parts = [(dense, _dense_files(i, len(order))[0])] if dense else []
+        if experts:
+            parts.append((experts, _expert_files_for(1, 0, with_experts.index(group), len(with_experts))[0]))
+        for keys, name in parts:
+            save_file({k: tensors[k].contiguous().float() for k in keys}, str(ckpt / name))
+            files.append(name)
     manifest = _manifest_entries(ckpt, files)
     _write_meta(ckpt, {"step": 0, "model": model_cfg.to_dict(), "weights_only": True}, manifest)
     return ckpt

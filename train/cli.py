@@ -53,12 +53,16 @@ def cmd_sample(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
+    import torch
+
     from model import hf
 
-    from .sample import load_run
+    from . import checkpoint as ckpt_io
+    from .sample import resolve_run
 
-    _, model, ckpt = load_run(args.run_dir)
-    hf.save_pretrained(model, args.out_dir)
+    cfg, ckpt = resolve_run(args.run_dir)
+    with ckpt_io.TensorReader(ckpt, "model") as weights:  # one tensor at a time, never the whole model
+        hf.write_hf(weights, cfg.model, args.out_dir, dtype=getattr(torch, args.dtype))
     tok = Path(args.run_dir) / "tokenizer.json"
     if tok.is_file():
         (Path(args.out_dir) / "tokenizer.json").write_bytes(tok.read_bytes())
@@ -72,18 +76,19 @@ def cmd_import_hf(args) -> int:
     from . import checkpoint as ckpt_io
     from .config import load_config, save_config
 
-    model = hf.from_pretrained(args.hf_dir)
-    cfg = load_config(args.config, args.overrides)
-    cfg.model = model.cfg
-    cfg.train.run_dir = str(args.out_run_dir)
-    cfg.validate()
-    out = Path(args.out_run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    tok = Path(args.hf_dir) / "tokenizer.json"
-    if tok.is_file():
-        (out / "tokenizer.json").write_bytes(tok.read_bytes())
-    ckpt = ckpt_io.save_weights_only(model.state_dict(), out, model.cfg)
+    with hf.read_hf(args.hf_dir) as reader:  # names and shapes checked first; tensors read as written
+        cfg = load_config(args.config, args.overrides)
+        cfg.model = reader.cfg
+        cfg.train.run_dir = str(args.out_run_dir)
+        cfg.validate()
+        out = Path(args.out_run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        tok = Path(args.hf_dir) / "tokenizer.json"
+        if tok.is_file():
+            (out / "tokenizer.json").write_bytes(tok.read_bytes())
+        # a layer at a time: its tensors are read, converted, written and dropped
+        ckpt = ckpt_io.save_weights_only(reader, out, reader.cfg)
     print(f"wrote {ckpt}; start training from it with train.resume={out}", file=sys.stderr)
     return 0
 
@@ -188,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("export-hf", help="write a run's newest checkpoint as an HF DeepseekV3 directory")
     sp.add_argument("run_dir")
     sp.add_argument("out_dir")
+    sp.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="dtype of the written weights (the checkpoint's are fp32)")
     sp.set_defaults(fn=cmd_export_hf)
 
     sp = sub.add_parser(

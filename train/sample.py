@@ -12,16 +12,22 @@ from . import checkpoint as ckpt_io
 from .config import Config, load_config
 
 
-def load_run(run_dir: str | Path, checkpoint: str | None = None) -> tuple[Config, DeepSeekV3, Path]:
-    """A run directory -> (its resolved config, the model with its newest complete checkpoint's weights, that checkpoint)."""
+def resolve_run(run_dir: str | Path, checkpoint: str | None = None) -> tuple[Config, Path]:
+    """A run directory -> (its resolved config, its newest complete checkpoint, checked to be of
+    that config's model)."""
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: not found; is {run_dir} a dsv3 run directory?")
     cfg = load_config(cfg_file)
     ckpt = ckpt_io.resolve_resume(checkpoint or str(run_dir), run_dir)
-    meta = ckpt_io.read_meta(ckpt)
-    ckpt_io.check_model_matches(meta, cfg.model, ckpt)
+    ckpt_io.check_model_matches(ckpt_io.read_meta(ckpt), cfg.model, ckpt)
+    return cfg, ckpt
+
+
+def load_run(run_dir: str | Path, checkpoint: str | None = None) -> tuple[Config, DeepSeekV3, Path]:
+    """A run directory -> (its resolved config, the model with its newest complete checkpoint's weights, that checkpoint)."""
+    cfg, ckpt = resolve_run(run_dir, checkpoint)
     with torch.device("meta"):  # no initial values to compute and throw away
         model = DeepSeekV3(cfg.model)
     model.load_state_dict(ckpt_io.load_model_weights(ckpt), assign=True)

@@ -166,3 +166,102 @@ def test_softmax_model_export_is_refused(tmp_path):
     model = build(scoring_func="softmax")
     with pytest.raises(ValueError, match="scoring_func"):
         hf.save_pretrained(model, tmp_path)
+
+
+class _CountingSource:
+    """Our names -> tensors, counting reads (what a checkpoint reader hands write_hf)."""
+
+    def __init__(self, state_dict, out_dir):
+        self.sd, self.out_dir, self.reads, self.shards_on_disk = state_dict, out_dir, [], []
+
+    def keys(self):
+        return list(self.sd)
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        self.shards_on_disk.append(len(list(self.out_dir.glob("*.partial"))))
+        return self.sd[key]
+
+
+def test_export_goes_tensor_by_tensor_into_bounded_shards(tmp_path):
+    """write_hf (dsv3 export-hf) reads each of our tensors once, layer by layer (the embedding
+    and head once more per MTP module, for its copies), and writes shards of at most
+    max_shard_bytes as they fill; the result loads back exactly, also in bf16."""
+    from safetensors import safe_open
+
+    model = build(seed=8)
+    source = _CountingSource(model.state_dict(), tmp_path / "fp32")
+    limit = 150_000
+    hf.write_hf(source, model.cfg, tmp_path / "fp32", max_shard_bytes=limit)
+    extra = ["embed_tokens.weight", "lm_head.weight"] * model.cfg.num_nextn_predict_layers
+    assert sorted(source.reads) == sorted(list(model.state_dict()) + extra)
+    layers = [int(k.split(".")[1]) for k in source.reads if k.startswith("layers.")]
+    assert layers == sorted(layers)  # layer by layer
+    shards = sorted((tmp_path / "fp32").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 3 and not list((tmp_path / "fp32").glob("*.partial"))
+    # each shard went to disk once full, before the tensors after it were read
+    assert source.shards_on_disk[-1] >= len(shards) - 2 and source.shards_on_disk == sorted(source.shards_on_disk)
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            sizes = [f.get_slice(k).get_shape() for k in f.keys()]
+            assert sum(4 * torch.Size(s).numel() for s in sizes) <= limit, shard.name
+    back = hf.from_pretrained(tmp_path / "fp32")
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+    hf.write_hf(model.state_dict(), model.cfg, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    back = hf.from_pretrained(tmp_path / "bf16")
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v.to(torch.bfloat16).to(v.dtype)), k
+
+
+def test_import_writes_one_part_per_layer_and_reads_each_tensor_once(tmp_path, monkeypatch):
+    """dsv3 import-hf converts a layer at a time into the checkpoint's part files: a dense part
+    per layer (and one for the embedding, norm and head), an expert part per MoE layer, each HF
+    tensor read once; the weights equal the in-memory from_pretrained's."""
+    from safetensors import safe_open
+
+    from train import checkpoint as ckpt_io
+
+    model = build(seed=9)
+    hf.save_pretrained(model, tmp_path / "hf")
+    reads = []
+    real = safe_open
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self.f = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_slice(self, k):
+            return self.inner.get_slice(k)
+
+        def get_tensor(self, k):
+            reads.append(k)
+            return self.inner.get_tensor(k)
+
+    monkeypatch.setattr(hf, "safe_open", Counting)
+    with hf.read_hf(tmp_path / "hf") as reader:
+        assert reads == []  # names and shapes checked from the headers alone
+        ckpt = ckpt_io.save_weights_only(reader, tmp_path / "run", reader.cfg)
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
+        stored = set(f.keys())
+    copies = {k for k in stored if k.endswith(("embed_tokens.weight", "shared_head.head.weight"))
+              and k.startswith(f"model.layers.{model.cfg.num_hidden_layers}.")}  # MTP's copies: not read
+    assert sorted(reads) == sorted(stored - copies)
+    cfg = model.cfg
+    n_dense = 1 + cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace + cfg.num_nextn_predict_layers
+    names = sorted(f.name for f in ckpt.iterdir() if f.suffix == ".safetensors")
+    assert names == sorted([f"model-dense-part{i}-of-{n_dense}.safetensors" for i in range(n_dense)]
+                           + [f"model-experts-ep0-of-1-part{j}-of-{n_moe}.safetensors" for j in range(n_moe)])
+    got, want = ckpt_io.load_model_weights(ckpt), hf.from_pretrained(tmp_path / "hf").state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
