@@ -86,7 +86,17 @@ def checkpoint_tensors(module: torch.nn.Module) -> list[tuple[str, list[torch.nn
 
 
 def _stacked(values: list[torch.Tensor], stacked: bool) -> torch.Tensor:
+    """One checkpoint tensor from the values of its parameters (see checkpoint_tensors)."""
     return torch.stack(values) if stacked else values[0]
+
+
+def _unstacked(saved: torch.Tensor, stacked: bool) -> list[torch.Tensor]:
+    """A checkpoint tensor -> the values of its parameters, in order."""
+    return list(saved.unbind(0)) if stacked else [saved]
+
+
+def _stored_shape(params: list[torch.nn.Parameter], stacked: bool) -> tuple[int, ...]:
+    return (len(params), *params[0].shape) if stacked else tuple(params[0].shape)
 
 
 def tag_for(step: int) -> str:
@@ -569,7 +579,7 @@ def load(engine, layout, ckpt: Path) -> dict:
     _link_optimizer_state(engine)
     with TensorReader(ckpt, "optim", layout.expert_range) as moments:
         for name, params, stacked in checkpoint_tensors(engine.module):
-            want = (len(params), *params[0].shape) if stacked else tuple(params[0].shape)
+            want = _stored_shape(params, stacked)
             for key in ADAM_KEYS:
                 saved_key = f"{key}.{name}"
                 if moments.shape(saved_key) != want:
@@ -583,7 +593,7 @@ def load(engine, layout, ckpt: Path) -> dict:
                             fragment.get_hp_fragment(key).data.copy_(value)
                     continue
                 saved = moments[saved_key]
-                for p, value in zip(params, saved.unbind(0) if stacked else [saved]):
+                for p, value in zip(params, _unstacked(saved, stacked)):
                     state = engine.optimizer.state[p]
                     state[key] = value.to(device=p.device, dtype=torch.float32).clone()
         read_bytes += moments.bytes_read
@@ -618,10 +628,10 @@ def load_weights(engine, layout, ckpt: Path) -> int:
             raise KeyError(f"checkpoint lacks {missing[0]} (and {len(missing) - 1} more)")
         for name, params, stacked in tensors:
             saved = weights[name]
-            want = (len(params), *params[0].shape) if stacked else tuple(params[0].shape)
+            want = _stored_shape(params, stacked)
             if tuple(saved.shape) != want:
                 raise ValueError(f"checkpoint tensor {name} has shape {tuple(saved.shape)}, model {want}")
-            for p, value in zip(params, saved.unbind(0) if stacked else [saved]):
+            for p, value in zip(params, _unstacked(saved, stacked)):
                 p.copy_(value.to(p.dtype))
                 if partitioned:
                     from deepspeed.utils import safe_set_full_fp32_param
