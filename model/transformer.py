@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from .attention import MLA
 from .config import ModelConfig
@@ -117,6 +117,9 @@ class DeepSeekV3(nn.Module):
         # Full-block activation checkpointing (train.activation_checkpointing, set by parallel.engine):
         # a run setting, not the network's shape, so not a ModelConfig field.
         self.activation_checkpointing = False
+        # torch checkpoint's context_fn: (forward context, recompute context); parallel/fp8.py sets
+        # one under Transformer Engine, so that the recompute in backward runs TE's FP8 recipe too
+        self.checkpoint_contexts = noop_context_fn
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -183,7 +186,7 @@ class DeepSeekV3(nn.Module):
         expert counts included, comes from this forward alone, and the recompute sees the same
         routing bias, since the bias moves only after the optimizer step."""
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
+            return checkpoint(block, *args, use_reentrant=False, context_fn=self.checkpoint_contexts)
         return block(*args)
 
     def _trunk(self, tokens: torch.Tensor):

@@ -38,6 +38,13 @@ precision=fp8; the optimizer sees the same fp32 parameters). On CPU that is all:
 GEMMs, fp32 elsewhere. On GPU, `autocast` adds torch bf16 autocast, so activations and the
 high-precision GEMMs run in bf16 while the FP8 GEMMs quantise from them.
 
+Activation checkpointing under TE: torch's checkpoint reruns a block in backward, after
+te.fp8_autocast has exited. `apply_fp8` gives the model a checkpoint context that re-enters it
+for the recompute, with the recipe and the first-micro-batch flag of the block's forward, so the
+recompute quantises exactly as the forward did. Not with the delayed recipe, whose fp8_autocast
+exit would fold the recompute's amaxes into the history a second time (refused by
+check_fp8_config).
+
 Weight-cast caching with gradient accumulation (TE's `is_first_microbatch`): TE can keep the FP8
 copy of each weight from the first micro-batch of an optimizer step and reuse it for the others,
 since weights change only at the step. The loop passes `first_microbatch=(i == 0)` to `autocast`,
@@ -362,12 +369,13 @@ def check_fp8_config(cfg) -> None:
         raise ConfigError("fp8.recipe", cfg.fp8.recipe,
                           "the emulated backend implements the report's blockwise recipe only; use blockwise "
                           "(or fp8.backend=te on a GPU)")
-    if cfg.fp8.backend == "te" and cfg.train.activation_checkpointing:
-        # torch's checkpoint reruns each block in backward, after te.fp8_autocast has exited: the
-        # recompute would not run TE's FP8 recipe (nor see the first-micro-batch flag)
+    if cfg.fp8.backend == "te" and cfg.fp8.recipe == "delayed" and cfg.train.activation_checkpointing:
+        # the recompute re-enters fp8_autocast (see _checkpoint_contexts); under delayed scaling its
+        # exit would fold the recompute's amaxes into the history a second time
         raise ConfigError("train.activation_checkpointing", True,
-                          "not supported with fp8.backend=te yet (blocks would be recomputed outside TE's "
-                          "fp8_autocast); use fp8.backend=emulated or train.activation_checkpointing=false")
+                          "not supported with fp8.backend=te and fp8.recipe=delayed (the recompute would "
+                          "update the amax history twice); use fp8.recipe blockwise, current or mxfp8, or "
+                          "train.activation_checkpointing=false")
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -401,6 +409,8 @@ def apply_fp8(model: nn.Module, cfg, device: torch.device | str, verbose: bool =
         else:
             _set_submodule(model, name, swap_linear(module, te.Linear, state, TE_ALIGN[recipe], device))
     model.fp8_state = state
+    if backend == "te":
+        model.checkpoint_contexts = functools.partial(_checkpoint_contexts, state)
     if verbose:
         print(plan.summary(), file=sys.stderr, flush=True)
     return plan
@@ -418,6 +428,14 @@ def autocast(model: nn.Module, first_microbatch: bool | None = None):
     if state is None:
         return contextlib.nullcontext()
     return _fp8_context(state, first_microbatch)
+
+
+def _checkpoint_contexts(state: FP8State):
+    """torch checkpoint's contexts for a block under TE (called during the block's forward): none
+    extra for the forward, which already runs inside `autocast`; for the recompute in backward,
+    after fp8_autocast has exited, fp8_autocast again with the recipe and the first-micro-batch
+    flag this forward had. (torch restores its own autocast state for the recompute.)"""
+    return contextlib.nullcontext(), _fp8_context(state, state.first_microbatch)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,22 @@ import torch
 from torch import nn
 
 
+AUTOCAST = {"depth": 0, "outside": 0}  # fp8_autocast nesting; forwards run outside it
+
+
+@contextlib.contextmanager
+def fp8_autocast(**kwargs):
+    AUTOCAST["depth"] += 1
+    try:
+        yield
+    finally:
+        AUTOCAST["depth"] -= 1
+
+
+def _note_autocast() -> None:
+    AUTOCAST["outside"] += AUTOCAST["depth"] == 0
+
+
 class FakeTELinear(nn.Linear):
     """te.Linear's interface: forward(x, is_first_microbatch=None); FP8 metadata in _extra_state."""
 
@@ -27,6 +43,7 @@ class FakeTELinear(nn.Linear):
     def forward(self, x, is_first_microbatch=None):
         assert x.dim() == 2 and x.shape[0] % 16 == 0, x.shape
         FakeTELinear.seen.append(is_first_microbatch)
+        _note_autocast()
         return super().forward(x)
 
     def get_extra_state(self):
@@ -47,6 +64,7 @@ class FakeGroupedLinear(nn.Module):
 
     def forward(self, x, m_splits, is_first_microbatch=None):
         assert len(m_splits) == self.num_gemms and all(m % 16 == 0 for m in m_splits), m_splits
+        _note_autocast()
         blocks = x.split(m_splits)
         y = torch.cat([b @ getattr(self, f"weight{i}").t() for i, b in enumerate(blocks)])
         return y.to(torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu") else y  # as TE does
@@ -59,11 +77,11 @@ class FakeGroupedLinear(nn.Module):
 
 
 def install() -> None:
-    """parallel.fp8 uses these as TE (te.Linear, te.GroupedLinear, a no-op fp8_autocast) and a
-    stand-in recipe, on any device."""
+    """parallel.fp8 uses these as TE (te.Linear, te.GroupedLinear, an fp8_autocast that only counts
+    its nesting, so forwards run outside it show in AUTOCAST["outside"]) and a stand-in recipe,
+    on any device."""
     from parallel import fp8 as pf8
 
-    te = types.SimpleNamespace(Linear=FakeTELinear, GroupedLinear=FakeGroupedLinear,
-                               fp8_autocast=lambda **kwargs: contextlib.nullcontext())
+    te = types.SimpleNamespace(Linear=FakeTELinear, GroupedLinear=FakeGroupedLinear, fp8_autocast=fp8_autocast)
     pf8._require_te = lambda device, recipe: (te, object())
     pf8.import_te = lambda: (te, None)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import model.transformer as transformer
 from model import DeepSeekV3
 from parallel import engine as pe
+from parallel import fp8 as pf8
 from tests.support import TINY
 from train import checkpoint as ckpt_io
 from train.checkpoint import _full_master, _stacked, _zero_partitioned, checkpoint_tensors
@@ -100,7 +101,8 @@ def main(out: Path, ep: int, zero: int, skew: bool, checkpointing: bool, fake_te
         ref.update_routing_bias(ref_out.expert_counts, 1e-3)
 
         # expert-parallel: this rank's share
-        res = engine(tokens[mine], targets[mine], return_logits=True)
+        with pf8.autocast(engine.module, first_microbatch=True):  # as train/loop.py runs a forward
+            res = engine(tokens[mine], targets[mine], return_logits=True)
         note("logits", (res.logits - ref_out.logits[mine]).abs().max())
         if step == 0:
             note("logits_step0", (res.logits - ref_out.logits[mine]).abs().max())
@@ -127,6 +129,7 @@ def main(out: Path, ep: int, zero: int, skew: bool, checkpointing: bool, fake_te
 
     compare_params("params")
     if fake_te:
+        diffs["te_forwards_outside_fp8_autocast"] = fake.AUTOCAST["outside"]
         diffs["te_modules"] = sorted({type(m).__name__ for m in engine.module.modules()
                                       if type(m).__name__.startswith(("GroupedLinear", "RowAligned"))})
         ckpt = ckpt_io.save(engine, layout, out / "run", STEPS, {"step": STEPS}, cfg.model, keep=1, rank=rank)

@@ -86,6 +86,7 @@ def test_te_experts_under_expert_parallelism(tmp_path, nproc, ep, zero):
     ranks = run_worker(tmp_path, nproc, ep, zero, "fake_te")
     for r in ranks:
         assert r["te_modules"] == ["GroupedLinearExpertParallelExperts", "RowAlignedFakeTELinear"], r
+        assert r["te_forwards_outside_fp8_autocast"] == 0, r
         for key in ("logits", "loss", "params", "saved"):
             assert r[key] <= TOL, (key, r)
         assert r["grad_norm"] <= TOL, r
@@ -93,3 +94,16 @@ def test_te_experts_under_expert_parallelism(tmp_path, nproc, ep, zero):
         assert r["loaded"] == r["params"], r  # back to exactly the trained values
         if zero == 0:
             assert r["grad"] <= TOL, r
+
+
+def test_te_with_activation_checkpointing_recomputes_inside_fp8_autocast(tmp_path):
+    """Under TE each checkpointed block's recompute in backward runs inside fp8_autocast again
+    (parallel/fp8.py _checkpoint_contexts); with TE's stand-ins every difference from the
+    single-process reference is the one the same run without checkpointing has."""
+    plain = run_worker(tmp_path, 2, 2, 2, "fake_te")
+    ranks = run_worker(tmp_path, 2, 2, 2, "fake_te", "checkpointing")
+    for r, p in zip(ranks, plain):
+        assert r.pop("checkpointed") == {"DecoderLayer": 2 * 5, "MTPModule": 5}
+        assert p.pop("checkpointed") == {}
+        assert r["te_forwards_outside_fp8_autocast"] == 0, r
+        assert r == p

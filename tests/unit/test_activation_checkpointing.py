@@ -76,7 +76,8 @@ def test_checkpoint_only_when_training_with_grad(monkeypatch):
     model = _model(True)
     batch = _batch(model.cfg.vocab_size)
     model(*batch)
-    assert calls == [{"use_reentrant": False}] * (3 + 2)  # every block of the trunk, every MTP module
+    # every block of the trunk, every MTP module; no extra contexts outside TE (parallel/fp8.py)
+    assert calls == [{"use_reentrant": False, "context_fn": torch.utils.checkpoint.noop_context_fn}] * (3 + 2)
     calls.clear()
     with torch.no_grad():
         model(*batch)
@@ -124,25 +125,28 @@ def test_checkpointing_keeps_little_more_than_block_inputs():
     assert measured == pytest.approx(plans[1] / plans[0], rel=0.25)
 
 
-def test_te_backend_refuses_checkpointing():
-    """TE's FP8 recipe lives in te.fp8_autocast, which torch's recompute in backward runs outside of."""
-    cfg = Config(model=make_config(precision="fp8"), fp8=FP8Config(backend="te"),
+def test_te_refuses_checkpointing_only_with_the_delayed_recipe():
+    """The recompute re-enters TE's fp8_autocast (tests/distributed checks it runs inside); under
+    delayed scaling that would fold its amaxes into the history twice, so that pair is refused."""
+    cfg = Config(model=make_config(precision="fp8"), fp8=FP8Config(backend="te", recipe="delayed"),
                  train=TrainConfig(activation_checkpointing=True))
     with pytest.raises(ConfigError) as err:
         pf8.check_fp8_config(cfg)
-    assert err.value.key == "train.activation_checkpointing" and "fp8.backend=te" in str(err.value)
+    assert err.value.key == "train.activation_checkpointing" and "fp8.recipe=delayed" in str(err.value)
     # what train and bench hit first (parallel.engine.build_engine -> apply_fp8), before TE's GPU check
     with pytest.raises(ConfigError, match="train.activation_checkpointing"):
         pf8.apply_fp8(build(seed=0, precision="fp8"), cfg, "cpu")
-    cfg.fp8.backend = "emulated"
+    for recipe in ("blockwise", "current", "mxfp8"):
+        cfg.fp8.recipe = recipe
+        pf8.check_fp8_config(cfg)
+    cfg.fp8.recipe, cfg.train.activation_checkpointing = "delayed", False
     pf8.check_fp8_config(cfg)
-    cfg.fp8.backend, cfg.train.activation_checkpointing = "te", False
-    pf8.check_fp8_config(cfg)
-    # the layout can still be planned: configs/671b.yaml (fp8 on TE, checkpointing on) loads
+    # configs/671b.yaml (fp8 on TE, blockwise, checkpointing on) passes, and both launchers refuse
+    # the delayed recipe with it before a job is queued or ranks are started
     big = load_config("configs/671b.yaml")
-    assert big.train.activation_checkpointing and big.fp8.backend == "te"
-    # ... and both launchers refuse it before a job is queued or ranks are started
+    assert big.train.activation_checkpointing and big.fp8.backend == "te" and big.fp8.recipe == "blockwise"
+    pf8.check_fp8_config(big)
     with pytest.raises(ConfigError, match="train.activation_checkpointing"):
-        check_launch(big)
+        check_launch(load_config("configs/671b.yaml", ["fp8.recipe=delayed"]))
     with pytest.raises(ConfigError, match="train.activation_checkpointing"):
-        launch_local("configs/671b.yaml", 1, [], log=lambda *_: pytest.fail("must not launch"))
+        launch_local("configs/671b.yaml", 1, ["fp8.recipe=delayed"], log=lambda *_: pytest.fail("must not launch"))
