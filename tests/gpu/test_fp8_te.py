@@ -145,3 +145,27 @@ def test_cli_trains_a_few_steps_with_te(te, tiny_data, tmp_path, recipe):
     table = rows(tmp_path)
     losses = [r["loss"] for r in table if r["step"] >= 1]
     assert all(x == x for x in losses) and losses[-1] < losses[0]
+
+
+def test_te_with_activation_checkpointing_equals_without(te):
+    """The recompute in backward re-enters fp8_autocast (parallel/fp8.py): loss and gradients
+    equal the run that keeps its activations (blockwise scales depend only on the tensors)."""
+    cfg = make_config(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_attention_heads=2,
+                      q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128,
+                      vocab_size=512, max_position_embeddings=256, precision="fp8")
+    tokens = torch.randint(0, 512, (2, 129), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(4)
+        model = DeepSeekV3(cfg).cuda().train()
+        pf8.apply_fp8(model, Config(model=cfg, fp8=FP8Config(backend="te", recipe="blockwise")), "cuda")
+        model.activation_checkpointing = checkpointing
+        with pf8.autocast(model, first_microbatch=True):
+            loss = model(tokens[:, :-1], tokens[:, 1:]).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-3, atol=1e-6, msg=name)
