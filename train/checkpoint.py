@@ -380,6 +380,21 @@ def _writing_plan(module: torch.nn.Module, layout) -> tuple[dict[str, int], int,
     return dense_rank, n_dense, expert_rank, n_expert
 
 
+def largest_write_elements(dense: dict[str, int], experts: dict[str, int], world: int, ep: int) -> int:
+    """The most parameters any one rank writes in a save (x12 for bytes: fp32 value and two
+    moments), given the dense tensors' sizes, one expert shard's tensor sizes, the world size and
+    the expert-parallel size, spread as save spreads them (dense part i on rank i, part j of every
+    expert shard on ranks j·ep .. j·ep + ep - 1)."""
+    n_dense, n_expert = max(1, min(world, len(dense))), max(1, min(world // ep, len(experts)))
+    dense_load, expert_load = [0] * n_dense, [0] * n_expert
+    for name, i in _assign(dense, n_dense).items():
+        dense_load[i] += dense[name]
+    for name, j in _assign(experts, n_expert).items():
+        expert_load[j] += experts[name]
+    return max((dense_load[r] if r < n_dense else 0) + (expert_load[r // ep] if r // ep < n_expert else 0)
+               for r in range(min(world, max(n_dense, n_expert * ep))))
+
+
 def save(engine, layout, run_dir: Path, step: int, client_state: dict, model_cfg: ModelConfig, keep: int,
          rank: int) -> Path:
     """Every rank calls this (the gathers are collective); each tensor is written by the one rank

@@ -51,6 +51,7 @@ import torch
 
 from model import ConfigError, DeepSeekV3, ModelConfig
 
+from .checkpoint import largest_write_elements
 from .config import Config
 from .metrics import flops_breakdown, human
 
@@ -67,15 +68,20 @@ def _parameter_groups(cfg: ModelConfig) -> dict[str, int]:
         model = DeepSeekV3(cfg)
     counts = model.parameter_counts()
     groups = {"expert": 0, "dense": 0, "dense_gemm": 0}
+    sizes = {"dense": {}, "expert": {}}  # per tensor, for the checkpoint's writing plan
     for name, p in model.named_parameters():
         n = p.numel()
         if ".mlp.experts." in name:
             groups["expert"] += n
+            sizes["expert"][name] = n
             continue
         groups["dense"] += n
+        sizes["dense"][name] = n
         if not (p.dim() < 2 or name.startswith("embed_tokens.") or ".mlp.gate." in name):
             groups["dense_gemm"] += n
-    return {**groups, "total": counts["total"], "mtp": counts["mtp"], "active": counts["active"]}
+    saved_buffers = sum(b.numel() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias"))
+    return {**groups, "total": counts["total"], "mtp": counts["mtp"], "active": counts["active"],
+            "sizes": sizes, "saved_buffers": saved_buffers}
 
 
 def _activation_bytes_per_token(cfg: ModelConfig, act_bytes: int) -> dict[str, float]:
@@ -174,6 +180,12 @@ def plan(cfg: Config, mfu: float = 0.4, peak_tflops: float = 989.0) -> dict:
     peak = peak_tflops * 1e12
 
     memory = memory_per_gpu(cfg, groups, world)
+    ep = cfg.parallel.ep
+    every_param = groups["dense"] + groups["expert"]
+    # fp32 values (and the routing biases) plus two fp32 AdamW moments per parameter
+    checkpoint_bytes = 4 * (every_param + groups["saved_buffers"]) + 8 * every_param
+    largest_write = 12 * largest_write_elements(
+        groups["sizes"]["dense"], {k: n // ep for k, n in groups["sizes"]["expert"].items()}, world, ep)
     gpu_mem = int(cfg.launch.gpu_mem_gb * 2**30)
     usable = int(gpu_mem * (1 - RESERVE_FRACTION))
     tokens_per_step = cfg.train.global_batch_size * seq
@@ -194,6 +206,8 @@ def plan(cfg: Config, mfu: float = 0.4, peak_tflops: float = 989.0) -> dict:
         "gpu_mem_bytes": gpu_mem,
         "usable_gpu_mem_bytes": usable,
         "fits": memory["total"] <= usable,
+        "checkpoint_bytes": checkpoint_bytes,  # one save, all files
+        "checkpoint_largest_write_bytes": largest_write,  # the most one rank writes (and holds on the host)
         "tokens_per_step": tokens_per_step,
         "tokens_per_step_ramp_start": (cfg.schedule.batch_ramp_start * seq
                                        if cfg.schedule.batch_ramp_start is not None else None),
@@ -212,6 +226,13 @@ def plan(cfg: Config, mfu: float = 0.4, peak_tflops: float = 989.0) -> dict:
         },
     }
     return out
+
+
+def _decimal_bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 1e3:.2f} KB"
 
 
 def format_plan(r: dict) -> str:
@@ -235,6 +256,8 @@ def format_plan(r: dict) -> str:
         f"memory per GPU (GiB): {parts}; total {m['total'] / gib:.1f} of {r['usable_gpu_mem_bytes'] / gib:.1f} "
         f"usable -> {verdict}",
         *fp8_note,
+        f"checkpoint: {_decimal_bytes(r['checkpoint_bytes'])} per save (fp32 weights and AdamW moments); "
+        f"the most one rank writes: {_decimal_bytes(r['checkpoint_largest_write_bytes'])}",
         f"tokens/step: {r['tokens_per_step']:,}; step time ~{r['step_time_s']:.1f} s at MFU {r['mfu']:.2f} of "
         f"{r['peak_flops'] / 1e12:.0f} TFLOP/s",
         f"GPU-hours per trillion tokens: {r['gpu_hours_per_trillion_tokens']:,.0f} "

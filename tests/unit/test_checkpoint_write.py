@@ -68,3 +68,27 @@ def test_at_671b_no_rank_writes_more_than_its_share_plus_one_tensor():
     assert largest * gb < 11.2
     assert sum(dense_load.values()) * gb > 209  # what rank 0 held alone before
     assert max(expert_load.values()) * gb < 5.7 and sum(expert_load.values()) * gb > 124
+
+
+def test_plan_reports_the_largest_write_save_makes():
+    """dsv3 plan's per-rank figure (largest_write_elements, from tensor sizes alone) equals the
+    most any rank writes under save's own plan, rank by rank, at 671B on 1536 ranks with EP=64."""
+    from train.checkpoint import largest_write_elements
+    from train.plan import plan
+
+    model = _meta_model("configs/671b.yaml")
+    world, ep = 1536, 64
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    per_rank = Counter()
+    for ep_rank in range(ep):  # the expert plan depends on the shard only; the dense plan on nothing
+        dense, _, experts, _ = _writing_plan(model, ExpertLayout(world, ep_rank, ep, 256, "g", None, None))
+        for name, r in experts.items():
+            per_rank[r] += sizes[name] // ep
+    for name, r in dense.items():
+        per_rank[r] += sizes[name]
+    dense_sizes = {n: s for n, s in sizes.items() if not is_expert_name(n)}
+    expert_sizes = {n: s // ep for n, s in sizes.items() if is_expert_name(n)}
+    assert largest_write_elements(dense_sizes, expert_sizes, world, ep) == max(per_rank.values())
+    report = plan(load_config("configs/671b.yaml", []))
+    assert report["checkpoint_largest_write_bytes"] == 12 * max(per_rank.values())  # 16.76 GB
+    assert report["checkpoint_bytes"] == 12 * sum(sizes.values()) + 4 * 58 * 256 + 4 * 256  # + routing biases
