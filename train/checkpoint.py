@@ -316,23 +316,23 @@ def _link_optimizer_state(engine) -> None:
     opt._lazy_init_hp_params_optimizer_state()
 
 
-def _full_master(engine, p: torch.nn.Parameter) -> torch.Tensor:
-    """fp32 master value of a parameter, whole, on its device (collective over its data-parallel
-    group under ZeRO)."""
-    if _zero_partitioned(engine):
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        return safe_get_full_fp32_param(p).detach().float()
-    return p.detach().float()
-
-
-def _full_adam(engine, p: torch.nn.Parameter, key: str) -> torch.Tensor:
-    if _zero_partitioned(engine):
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        return safe_get_full_optimizer_state(p, key).detach().float()
-    state = engine.optimizer.state.get(p, {})
-    return state[key].detach().float() if key in state else torch.zeros_like(p, dtype=torch.float32)
+def _gather_to(engine, p: torch.nn.Parameter, key: str | None, dst: int) -> torch.Tensor | None:
+    """p's fp32 master (key None) or AdamW moment `key`, whole, on rank `dst`; None on the other
+    ranks. Under ZeRO a collective over p's data-parallel group: each rank puts its fragment
+    into a reduce to dst (DeepSpeed's safe_get_full_* all-reduce it, twice the traffic, and
+    leave a full copy on every rank)."""
+    if not _zero_partitioned(engine):
+        if key is None:
+            return p.detach().float()
+        state = engine.optimizer.state.get(p, {})  # no moments before the first step
+        return state[key].detach().float() if key in state else torch.zeros_like(p, dtype=torch.float32)
+    buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+    fragment = p._hp_mapping  # None: no part of p in this rank's partition
+    if fragment is not None:
+        at = fragment.lp_fragment_address
+        buf.narrow(0, at.start, at.numel).copy_(fragment.get_hp_fragment(key).reshape(-1))
+    dist.reduce(buf, dst=dst, group=p._dp_group)
+    return buf.view(p.shape) if dist.get_rank() == dst else None
 
 
 def _optimizer_step_count(engine) -> int:
@@ -412,15 +412,15 @@ def save(engine, layout, run_dir: Path, step: int, client_state: dict, model_cfg
     dense, dense_opt, experts, experts_opt = {}, {}, {}, {}
     for name, params, stacked in checkpoint_tensors(engine.module):
         expert = is_expert_name(name)
-        writes = (expert_rank if expert else dense_rank)[name] == rank
-        if not (writes or partitioned):
+        writer = (expert_rank if expert else dense_rank)[name]
+        if not (writer == rank or partitioned):
             continue  # unpartitioned: no gather to take part in
-        # Under ZeRO every rank takes part in the gathers; only the rank that writes the tensor
-        # copies it to the host.
-        value = _stacked([_full_master(engine, p) for p in params], stacked)
-        moments = {k: _stacked([_full_adam(engine, p, k) for p in params], stacked) for k in ADAM_KEYS}
-        if not writes:
+        # Under ZeRO every rank sends its fragments; only the writer receives the tensor
+        values = {k: [_gather_to(engine, p, k, writer) for p in params] for k in (None, *ADAM_KEYS)}
+        if writer != rank:
             continue
+        value = _stacked(values[None], stacked)
+        moments = {k: _stacked(values[k], stacked) for k in ADAM_KEYS}
         target, target_opt = (experts, experts_opt) if expert else (dense, dense_opt)
         target[name] = value.cpu()
         for k, v in moments.items():

@@ -30,11 +30,20 @@ from parallel import engine as pe
 from parallel import fp8 as pf8
 from tests.support import TINY
 from train import checkpoint as ckpt_io
-from train.checkpoint import _full_master, _stacked, _zero_partitioned, checkpoint_tensors
+from train.checkpoint import _stacked, _zero_partitioned, checkpoint_tensors
 from train.config import load_config
 
 STEPS = 5
 LR = 1e-3
+
+
+def _full_master(engine, p: torch.nn.Parameter) -> torch.Tensor:
+    """p's fp32 master, whole, as DeepSpeed itself reads it (an all-reduce under ZeRO)."""
+    if _zero_partitioned(engine):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p).detach().float()
+    return p.detach().float()
 
 
 def main(out: Path, ep: int, zero: int, skew: bool, checkpointing: bool, fake_te: bool) -> None:
