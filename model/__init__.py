@@ -2,6 +2,6 @@
 
 from .config import ConfigError, ModelConfig, RopeScaling
 from .moe import update_correction_bias
-from .transformer import DeepSeekV3, ModelOutput
+from .transformer import DeepSeekV3, ModelOutput, block_of
 
-__all__ = ["DeepSeekV3", "ModelConfig", "RopeScaling", "ConfigError", "ModelOutput", "update_correction_bias"]
+__all__ = ["DeepSeekV3", "ModelConfig", "RopeScaling", "ConfigError", "ModelOutput", "update_correction_bias", "block_of"]

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig, RopeScaling
-from .transformer import DeepSeekV3, init_weights
+from .transformer import DeepSeekV3, block_of, init_weights
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +106,15 @@ _MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_
 _STACKED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
+def _per_expert_names(name: str, n: int) -> list[list[str]]:
+    """The HF names a stacked expert tensor is stored under (`name` from _hf_name), one list per
+    part in the order the parts are concatenated along dim 1, one name per expert in each:
+    [gate_proj, up_proj] for gate_up_proj, [down_proj] for down_proj."""
+    prefix = name[: name.rindex(".") + 1]  # "....mlp.experts."
+    parts = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
+    return [[f"{prefix}{e}.{part}.weight" for e in range(n)] for part in parts]
+
+
 def _hf_name(key: str, cfg: ModelConfig) -> str:
     """Our parameter or buffer name -> the HF name it is stored under (for stacked experts: the
     per-expert prefix `....mlp.experts.` followed by the stacked name)."""
@@ -129,36 +137,22 @@ def hf_tensors(source, cfg: ModelConfig):
     a TensorReader or a state dict), one of our tensors read at a time. Stacked experts come out
     one tensor per expert; each MTP module also carries copies of the embedding and head, as the
     release stores them."""
-    for key in sorted(source.keys(), key=_layer_order):
+    # a block at a time, so output shards fill block by block
+    for key in sorted(source.keys(), key=lambda k: (*block_of(k), k)):
         name = _hf_name(key, cfg)
         t = source[key]
-        if name.endswith("mlp.experts.gate_up_proj"):
-            prefix = name[: -len("gate_up_proj")]
-            gate, up = t.chunk(2, dim=1)  # (E, I, d) each
-            for e in range(t.shape[0]):
-                yield f"{prefix}{e}.gate_proj.weight", gate[e]
-                yield f"{prefix}{e}.up_proj.weight", up[e]
-        elif name.endswith("mlp.experts.down_proj"):
-            prefix = name[: -len("down_proj")]
-            for e in range(t.shape[0]):
-                yield f"{prefix}{e}.down_proj.weight", t[e]
-        else:
+        if not name.endswith(_STACKED):
             yield name, t
+            continue
+        names = _per_expert_names(name, t.shape[0])
+        parts = t.chunk(len(names), dim=1)  # gate_up_proj: gate and up, (E, I, d) each
+        for e in range(t.shape[0]):
+            for part_names, part in zip(names, parts):
+                yield part_names[e], part[e]
     for k in range(cfg.num_nextn_predict_layers):
         layer = f"model.layers.{cfg.num_hidden_layers + k}."
         yield layer + "embed_tokens.weight", source["embed_tokens.weight"]
         yield layer + "shared_head.head.weight", source["lm_head.weight"]
-
-
-def _layer_order(key: str) -> tuple:
-    """Sort key: top-level tensors, then decoder layers and MTP modules in order, so output shards
-    fill layer by layer."""
-    parts = key.split(".")
-    if parts[0] == "layers":
-        return (1, int(parts[1]), key)
-    if parts[0] == "mtp":
-        return (2, int(parts[1]), key)
-    return (0, 0, key)
 
 
 def state_dict_to_hf(model: DeepSeekV3) -> dict[str, torch.Tensor]:
@@ -213,21 +207,25 @@ class HFReader:
         scale = name + "_scale_inv"  # `X.weight` -> `X.weight_scale_inv`
         return dequantize_fp8_blockwise(t, self._where[scale].get_tensor(scale)) if scale in self._where else t
 
-    def _stored(self, key: str) -> bool:
+    def _names(self, key: str) -> tuple[str, list[list[str]] | None]:
+        """Our tensor `key`'s HF name, and for a stacked expert tensor the per-expert names it is
+        built from (see _per_expert_names; None otherwise)."""
         name = _hf_name(key, self.cfg)
-        if name.endswith(_STACKED):
-            return name[: name.rindex(".") + 1] + "0.down_proj.weight" in self._where
-        return name in self._where
+        return name, _per_expert_names(name, self.cfg.n_routed_experts) if name.endswith(_STACKED) else None
+
+    def _stored(self, key: str) -> bool:
+        name, parts = self._names(key)
+        return (parts[0][0] if parts else name) in self._where
+
+    def _shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name].get_slice(name).get_shape())
 
     def _stored_shape(self, key: str) -> tuple[int, ...]:
-        name = _hf_name(key, self.cfg)
-        if not name.endswith(_STACKED):
-            return tuple(self._where[name].get_slice(name).get_shape())
-        prefix, n = name[: name.rindex(".") + 1], self.cfg.n_routed_experts
-        if name.endswith("gate_up_proj"):
-            rows, cols = self._where[prefix + "0.gate_proj.weight"].get_slice(prefix + "0.gate_proj.weight").get_shape()
-            return (n, 2 * rows, cols)
-        return (n, *self._where[prefix + "0.down_proj.weight"].get_slice(prefix + "0.down_proj.weight").get_shape())
+        name, parts = self._names(key)
+        if parts is None:
+            return self._shape_of(name)
+        shapes = [self._shape_of(part[0]) for part in parts]  # expert 0 of each part
+        return (len(parts[0]), sum(s[0] for s in shapes), *shapes[0][1:])
 
     def check(self) -> None:
         """Every tensor the config needs is stored with its shape (only the MTP modules may be
@@ -249,18 +247,15 @@ class HFReader:
             if self._fresh is None:
                 self._fresh = fresh_mtp_weights(self.model)
             return self._fresh[key]
-        name = _hf_name(key, self.cfg)
-        if not name.endswith(_STACKED):
+        name, parts = self._names(key)
+        if parts is None:
             return self._hf(name)
-        prefix, n = name[: name.rindex(".") + 1], self.cfg.n_routed_experts
         try:
-            if name.endswith("gate_up_proj"):
-                gate = torch.stack([self._hf(f"{prefix}{e}.gate_proj.weight") for e in range(n)])
-                up = torch.stack([self._hf(f"{prefix}{e}.up_proj.weight") for e in range(n)])
-                return torch.cat([gate, up], dim=1)
-            return torch.stack([self._hf(f"{prefix}{e}.down_proj.weight") for e in range(n)])
+            stacks = [torch.stack([self._hf(n) for n in part]) for part in parts]  # (E, rows, cols) each
         except KeyError as err:
-            raise KeyError(f"checkpoint lacks expert weight {err.args[0]} (expected {n} experts)") from None
+            raise KeyError(f"checkpoint lacks expert weight {err.args[0]} "
+                           f"(expected {self.cfg.n_routed_experts} experts)") from None
+        return stacks[0] if len(stacks) == 1 else torch.cat(stacks, dim=1)
 
 
 # ---------------------------------------------------------------- FP8 (release format)

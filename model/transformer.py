@@ -20,6 +20,18 @@ from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
 
+def block_of(name: str) -> tuple[int, int]:
+    """Where a parameter or buffer name of DeepSeekV3 sits, in network order: (0, 0) outside the
+    blocks (embedding, final norm, head), (1, i) decoder layer i, (2, k) MTP module k. For work
+    done a block at a time (checkpoint conversion)."""
+    kind, _, rest = name.partition(".")
+    if kind == "layers":
+        return 1, int(rest.split(".", 1)[0])
+    if kind == "mtp":
+        return 2, int(rest.split(".", 1)[0])
+    return 0, 0
+
+
 @torch.no_grad()
 def init_weights(module: nn.Module, std: float, seed: int, prefix: str = "") -> None:
     """Report §4.2: every weight matrix N(0, std=0.006); norms 1; routing correction biases 0.

@@ -405,7 +405,8 @@ def apply_fp8(model: nn.Module, cfg, device: torch.device | str, verbose: bool =
             else:
                 _set_submodule(model, name, FP8Linear.from_linear(module))
         elif isinstance(module, RoutedExperts):
-            _set_submodule(model, name, grouped_linear_experts(module, te.GroupedLinear, state, TE_ALIGN[recipe], device))
+            experts = grouped_linear_experts(module, te.GroupedLinear, state, TE_ALIGN[recipe], device)
+            _set_submodule(model, name, experts)
         else:
             _set_submodule(model, name, swap_linear(module, te.Linear, state, TE_ALIGN[recipe], device))
     model.fp8_state = state

@@ -51,7 +51,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model import ConfigError, ModelConfig
+from model import ConfigError, ModelConfig, block_of
 
 META = "dsv3_meta.json"
 EXPERT_KEYS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
@@ -364,32 +364,34 @@ def _expert_files_for(ep: int, ep_rank: int, part: int, parts: int) -> tuple[str
     return f"model-{stem}", f"optim-{stem}"
 
 
-def _writing_plan(module: torch.nn.Module, layout) -> tuple[dict[str, int], int, dict[str, int], int]:
-    """(dense name -> writing rank, dense parts, expert name -> writing rank, expert parts per shard).
+def _parts(dense: dict[str, int], experts: dict[str, int], world: int, ep: int):
+    """How a save splits the tensors, from their sizes (dense: name -> elements; experts: one
+    shard's name -> elements): (dense name -> part, dense parts, expert name -> part, expert parts
+    per shard). Dense part i is written by rank i; part j of every expert shard by the shard's
+    replica j, ranks j·ep .. j·ep + ep - 1."""
+    n_dense, n_expert = max(1, min(world, len(dense))), max(1, min(world // ep, len(experts)))
+    return _assign(dense, n_dense), n_dense, _assign(experts, n_expert), n_expert
 
-    Dense parameters are whole on every rank: they go to ranks 0..n-1. This rank's expert
-    tensors are whole on the world/ep ranks holding the same shard (ranks ep_rank + j·ep): part j
-    goes to replica j."""
+
+def _writing_plan(tensors: list, layout) -> tuple[dict[str, int], int, dict[str, int], int]:
+    """(dense name -> writing rank, dense parts, expert name -> writing rank, expert parts per
+    shard) for this rank's `tensors` (checkpoint_tensors of its module)."""
     dense, experts = {}, {}
-    for name, params, _ in checkpoint_tensors(module):
+    for name, params, _ in tensors:
         (experts if is_expert_name(name) else dense)[name] = sum(p.numel() for p in params)
-    n_dense = max(1, min(layout.world_size, len(dense)))
-    n_expert = max(1, min(layout.edp_size, len(experts)))
-    dense_rank = _assign(dense, n_dense)
-    expert_rank = {k: j * layout.ep + layout.ep_rank for k, j in _assign(experts, n_expert).items()}
+    dense_rank, n_dense, expert_part, n_expert = _parts(dense, experts, layout.world_size, layout.ep)
+    expert_rank = {k: j * layout.ep + layout.ep_rank for k, j in expert_part.items()}
     return dense_rank, n_dense, expert_rank, n_expert
 
 
 def largest_write_elements(dense: dict[str, int], experts: dict[str, int], world: int, ep: int) -> int:
     """The most parameters any one rank writes in a save (x12 for bytes: fp32 value and two
-    moments), given the dense tensors' sizes, one expert shard's tensor sizes, the world size and
-    the expert-parallel size, spread as save spreads them (dense part i on rank i, part j of every
-    expert shard on ranks j·ep .. j·ep + ep - 1)."""
-    n_dense, n_expert = max(1, min(world, len(dense))), max(1, min(world // ep, len(experts)))
+    moments), from the sizes `_parts` takes."""
+    dense_part, n_dense, expert_part, n_expert = _parts(dense, experts, world, ep)
     dense_load, expert_load = [0] * n_dense, [0] * n_expert
-    for name, i in _assign(dense, n_dense).items():
+    for name, i in dense_part.items():
         dense_load[i] += dense[name]
-    for name, j in _assign(experts, n_expert).items():
+    for name, j in expert_part.items():
         expert_load[j] += experts[name]
     return max((dense_load[r] if r < n_dense else 0) + (expert_load[r // ep] if r // ep < n_expert else 0)
                for r in range(min(world, max(n_dense, n_expert * ep))))
@@ -407,10 +409,11 @@ def save(engine, layout, run_dir: Path, step: int, client_state: dict, model_cfg
         partial.mkdir(parents=True)
     _barrier()
     _link_optimizer_state(engine)
-    dense_rank, n_dense, expert_rank, n_expert = _writing_plan(engine.module, layout)
+    tensors = checkpoint_tensors(engine.module)
+    dense_rank, n_dense, expert_rank, n_expert = _writing_plan(tensors, layout)
     partitioned = _zero_partitioned(engine)
     dense, dense_opt, experts, experts_opt = {}, {}, {}, {}
-    for name, params, stacked in checkpoint_tensors(engine.module):
+    for name, params, stacked in tensors:
         expert = is_expert_name(name)
         writer = (expert_rank if expert else dense_rank)[name]
         if not (writer == rank or partitioned):
@@ -598,7 +601,8 @@ def load(engine, layout, ckpt: Path) -> dict:
             for key in ADAM_KEYS:
                 saved_key = f"{key}.{name}"
                 if moments.shape(saved_key) != want:
-                    raise ValueError(f"checkpoint tensor {saved_key} has shape {moments.shape(saved_key)}, model {want}")
+                    raise ValueError(f"checkpoint tensor {saved_key} has shape {moments.shape(saved_key)}, "
+                                     f"model {want}")
                 if partitioned:  # each rank reads only the fragments its ZeRO partition holds
                     for i, p in enumerate(params):
                         fragment = p._hp_mapping  # None: no part of p in this rank's partition
@@ -664,11 +668,10 @@ def save_weights_only(tensors, run_dir: Path, model_cfg: ModelConfig) -> Path:
     one layer at a time: a part file of dense tensors per layer, one of experts per MoE layer."""
     ckpt = run_dir / "checkpoints" / tag_for(0)
     ckpt.mkdir(parents=True, exist_ok=True)
-    groups: dict[str, list[str]] = {}  # "", "layers.3", "mtp.0" -> keys
+    groups: dict[tuple[int, int], list[str]] = {}  # model.block_of -> keys
     for key in tensors.keys():
-        parts = key.split(".")
-        groups.setdefault(".".join(parts[:2]) if parts[0] in ("layers", "mtp") else "", []).append(key)
-    order = sorted(groups, key=lambda g: (g.split(".")[0], int(g.split(".")[1]) if g else -1))
+        groups.setdefault(block_of(key), []).append(key)
+    order = sorted(groups)
     with_experts = [g for g in order if any(is_expert_name(k) for k in groups[g])]
     files = []
     for i, group in enumerate(order):

@@ -11,7 +11,7 @@ import torch
 
 from model import DeepSeekV3
 from parallel.groups import ExpertLayout
-from train.checkpoint import _assign, _writing_plan, is_expert_name
+from train.checkpoint import _assign, _writing_plan, checkpoint_tensors, is_expert_name
 from train.config import load_config
 
 
@@ -38,7 +38,7 @@ def test_every_tensor_has_one_writer_holding_it(world, ep):
     n_dense_params = sum(not is_expert_name(n) for n in sizes)
     for rank in range(world):
         layout = ExpertLayout(world, rank, ep, 16, "g", None, None)
-        dense, n_dense, experts, n_expert = _writing_plan(model, layout)
+        dense, n_dense, experts, n_expert = _writing_plan(checkpoint_tensors(model), layout)
         assert set(dense) | set(experts) == set(sizes) and not set(dense) & set(experts)
         assert n_dense == min(world, n_dense_params)
         assert set(dense.values()) == set(range(n_dense))  # every dense part has a tensor
@@ -47,14 +47,14 @@ def test_every_tensor_has_one_writer_holding_it(world, ep):
         assert set(experts.values()) == {j * ep + layout.ep_rank for j in range(n_expert)}
         assert n_expert == min(world // ep, len(experts))
         # every rank computes the same dense plan
-        assert dense == _writing_plan(model, ExpertLayout(world, 0, ep, 16, "g", None, None))[0]
+        assert dense == _writing_plan(checkpoint_tensors(model), ExpertLayout(world, 0, ep, 16, "g", None, None))[0]
 
 
 def test_at_671b_no_rank_writes_more_than_its_share_plus_one_tensor():
     model = _meta_model("configs/671b.yaml")
     world, ep = 1536, 64
     layout = ExpertLayout(world, 5, ep, 256, "g", None, None)
-    dense, n_dense, experts, n_expert = _writing_plan(model, layout)
+    dense, n_dense, experts, n_expert = _writing_plan(checkpoint_tensors(model), layout)
     sizes = {n: p.numel() for n, p in model.named_parameters()}  # experts here: all 256, so / ep
     dense_load, expert_load = Counter(), Counter()
     for name, r in dense.items():
@@ -81,7 +81,8 @@ def test_plan_reports_the_largest_write_save_makes():
     sizes = {n: p.numel() for n, p in model.named_parameters()}
     per_rank = Counter()
     for ep_rank in range(ep):  # the expert plan depends on the shard only; the dense plan on nothing
-        dense, _, experts, _ = _writing_plan(model, ExpertLayout(world, ep_rank, ep, 256, "g", None, None))
+        layout = ExpertLayout(world, ep_rank, ep, 256, "g", None, None)
+        dense, _, experts, _ = _writing_plan(checkpoint_tensors(model), layout)
         for name, r in experts.items():
             per_rank[r] += sizes[name] // ep
     for name, r in dense.items():
