@@ -590,19 +590,20 @@ def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 def load(engine, layout, ckpt: Path) -> dict:
     """Restore model and optimizer state into this rank's (possibly resharded) engine; returns
     the client state (step, data position, RNG), with `read_bytes`: the tensor bytes this rank
+    read, `read_bytes_total` and `read_bytes_max`: their sum over the ranks and the most any one
     read."""
     client = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
     read_bytes = load_weights(engine, layout, ckpt)
     partitioned = _zero_partitioned(engine)
     _link_optimizer_state(engine)
     with TensorReader(ckpt, "optim", layout.expert_range) as moments:
-        for name, params, stacked in checkpoint_tensors(engine.module):
-            want = _stored_shape(params, stacked)
+        tensors = checkpoint_tensors(engine.module)
+        _check_shapes(moments, [(f"{key}.{name}", _stored_shape(params, stacked))
+                                for name, params, stacked in tensors for key in ADAM_KEYS])
+        replicas = _Replicas(tensors, layout)
+        for name, params, stacked in tensors:
             for key in ADAM_KEYS:
                 saved_key = f"{key}.{name}"
-                if moments.shape(saved_key) != want:
-                    raise ValueError(f"checkpoint tensor {saved_key} has shape {moments.shape(saved_key)}, "
-                                     f"model {want}")
                 if partitioned:  # each rank reads only the fragments its ZeRO partition holds
                     for i, p in enumerate(params):
                         fragment = p._hp_mapping  # None: no part of p in this rank's partition
@@ -611,10 +612,10 @@ def load(engine, layout, ckpt: Path) -> dict:
                             value = moments.flat_range(saved_key, i * p.numel() * stacked + at.start, at.numel)
                             fragment.get_hp_fragment(key).data.copy_(value)
                     continue
-                saved = moments[saved_key]
+                # unpartitioned (ZeRO-0): every rank holds all moments; one reads, the rest receive
+                saved = replicas.read(moments, saved_key, name, params[0].device)
                 for p, value in zip(params, _unstacked(saved, stacked)):
-                    state = engine.optimizer.state[p]
-                    state[key] = value.to(device=p.device, dtype=torch.float32).clone()
+                    engine.optimizer.state[p][key] = value.clone()
         read_bytes += moments.bytes_read
     step_count = client["optimizer_step"]
     inner = engine.optimizer.optimizer if partitioned else engine.optimizer
@@ -632,34 +633,85 @@ def load(engine, layout, ckpt: Path) -> dict:
             else:
                 state["step"] = torch.tensor(float(step_count), dtype=torch.float32,
                                              device=p.device if on_device else "cpu")
-    return {**client, "read_bytes": read_bytes}
+    return {**client, **_read_totals(read_bytes, next(engine.module.parameters()).device)}
+
+
+def _read_totals(read_bytes: int, device: torch.device) -> dict[str, int]:
+    """This rank's tensor bytes read, the sum over the ranks, and the most any one rank read."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return {"read_bytes": read_bytes, "read_bytes_total": read_bytes, "read_bytes_max": read_bytes}
+    counts = torch.tensor([read_bytes, read_bytes], dtype=torch.float64, device=device)
+    dist.all_reduce(counts[:1])
+    dist.all_reduce(counts[1:], op=dist.ReduceOp.MAX)
+    total, most = (int(v) for v in counts.tolist())
+    return {"read_bytes": read_bytes, "read_bytes_total": total, "read_bytes_max": most}
 
 
 def load_weights(engine, layout, ckpt: Path) -> int:
     """Set module parameters (and ZeRO's fp32 masters) and routing biases from a checkpoint's
     model tensors, reading only this rank's experts (resume and weights-only start); returns the
-    tensor bytes read."""
+    tensor bytes this rank read. Each tensor is read by one rank and broadcast to the others
+    that hold it (`_Replicas`)."""
     partitioned = _zero_partitioned(engine)
     with TensorReader(ckpt, "model", layout.expert_range) as weights, torch.no_grad():
         tensors = checkpoint_tensors(engine.module)
         missing = [n for n, _, _ in tensors if n not in weights]
         if missing:
             raise KeyError(f"checkpoint lacks {missing[0]} (and {len(missing) - 1} more)")
+        _check_shapes(weights, [(name, _stored_shape(params, stacked)) for name, params, stacked in tensors])
+        replicas = _Replicas(tensors, layout)
         for name, params, stacked in tensors:
-            saved = weights[name]
-            want = _stored_shape(params, stacked)
-            if tuple(saved.shape) != want:
-                raise ValueError(f"checkpoint tensor {name} has shape {tuple(saved.shape)}, model {want}")
+            saved = replicas.read(weights, name, name, params[0].device)
             for p, value in zip(params, _unstacked(saved, stacked)):
-                p.copy_(value.to(p.dtype))
+                p.copy_(value)
                 if partitioned:
                     from deepspeed.utils import safe_set_full_fp32_param
 
-                    safe_set_full_fp32_param(p, value.to(device=p.device, dtype=torch.float32))
+                    safe_set_full_fp32_param(p, value)
+            del saved
         for name, b in engine.module.named_buffers():
-            if name in weights:
+            if name in weights:  # the routing biases: a few floats per layer, read by every rank
                 b.copy_(weights[name].to(b.dtype))
         return weights.bytes_read
+
+
+def _check_shapes(reader: TensorReader, wanted: list[tuple[str, tuple[int, ...]]]) -> None:
+    """Every saved shape against the model's, from the file headers, before any tensor is read:
+    every rank sees the same headers, so all of them stop on the same error (none waits in a
+    broadcast for a rank that has already raised)."""
+    for key, want in wanted:
+        if reader.shape(key) != want:
+            raise ValueError(f"checkpoint tensor {key} has shape {reader.shape(key)}, model {want}")
+
+
+class _Replicas:
+    """Reads a tensor that several ranks hold identically (a dense tensor: every rank; an expert
+    shard's tensor: the shard's replicas, its EDP group) on one of them and broadcasts it to the
+    rest, so a resume reads each tensor from the files once, not once per rank. At 671B on 1536
+    ranks with EP=64 a rank holds 70 GB of dense weights and 42 GB of experts (fp32): read by
+    every rank that came to 171 TB (the page cache shares only the dense files, and only among
+    a node's ranks); read once, 2.7 TB. The reader of each tensor is the rank a save at this
+    layout would have it write (`_writing_plan`): whole tensors balanced by size."""
+
+    def __init__(self, tensors: list, layout):
+        self.distributed = dist.is_initialized() and dist.get_world_size() > 1
+        if self.distributed:
+            dense_rank, _, expert_rank, _ = _writing_plan(tensors, layout)
+            self.reader = {**dense_rank, **expert_rank}
+            self.expert_group = layout.edp_group if layout.ep > 1 else None  # None: the world
+
+    def read(self, reader: TensorReader, key: str, name: str, device: torch.device) -> torch.Tensor:
+        """reader[key] (of parameter `name`) as fp32 on `device`, on every rank that calls this
+        (collective: all ranks that hold `name`, in the same order)."""
+        if not self.distributed:
+            return reader[key].to(device=device, dtype=torch.float32)
+        src = self.reader[name]
+        if dist.get_rank() == src:
+            value = reader[key].to(device=device, dtype=torch.float32)
+        else:
+            value = torch.empty(reader.shape(key), dtype=torch.float32, device=device)
+        dist.broadcast(value, src=src, group=self.expert_group if is_expert_name(name) else None)
+        return value
 
 
 def save_weights_only(tensors, run_dir: Path, model_cfg: ModelConfig) -> Path:

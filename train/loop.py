@@ -45,6 +45,10 @@ def _log0(rank: int, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
 @torch.no_grad()
 def evaluate(engine, batches, info: pe.DistInfo) -> float:
     """Mean main-head loss over this rank's val micro-batches, averaged over ranks."""
@@ -174,9 +178,9 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         if changed:
             _log0(rank, f"warning: {changed}")
         ckpt_io.set_rng_state(client["rng"])
-        read = client["read_bytes"]
-        read = f"{read / 2**30:.2f} GiB" if read >= 2**30 else f"{read / 2**20:.1f} MiB"
-        _log0(rank, f"resumed from {resume_from} at step {step} (rank 0 read {read} of weights and moments)")
+        total, most = (_size(client[k]) for k in ("read_bytes_total", "read_bytes_max"))
+        _log0(rank, f"resumed from {resume_from} at step {step} (read {total} of weights and moments, "
+                    f"at most {most} by one rank)")
     elif meta:
         ckpt_io.load_weights(engine, layout, resume_from)
         _log0(rank, f"starting from the weights in {resume_from} (step 0, fresh optimizer)")

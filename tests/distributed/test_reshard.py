@@ -33,7 +33,9 @@ def test_resume_across_ep_and_world_sizes(tiny_data, tmp_path):
         shutil.copytree(saved, run)
         proc = run_cli("train", "configs/smoke.yaml", *base, "train.steps=4", *extra, f"train.run_dir={run}",
                        nproc=nproc)
-        read_mib[name] = float(re.search(r"\(rank 0 read ([0-9.]+) MiB of weights and moments\)", proc.stderr)[1])
+        line = re.search(r"\(read ([0-9.]+) MiB of weights and moments, at most ([0-9.]+) MiB by one rank\)",
+                         proc.stderr)
+        read_mib[name] = (float(line[1]), float(line[2]))
         (step4,) = [r for r in rows(run) if r["step"] == 4]
         losses[name] = (step4["loss"], step4["lm_loss"], step4["grad_norm"])
         weights[name] = load_model_weights(run / "checkpoints" / "step_00000004")
@@ -43,13 +45,17 @@ def test_resume_across_ep_and_world_sizes(tiny_data, tmp_path):
     for name, w in weights.items():
         for k, v in w.items():
             torch.testing.assert_close(v, weights["ep2_w2_zero2"][k], atol=1e-5, rtol=0, msg=f"{name} {k}")
-    # one process reads every tensor of the checkpoint; under ZeRO a rank reads only its own
-    # fragments of the optimizer moments (and its own experts)
+    # Each layout reads the checkpoint once in all: a tensor that several ranks hold is read by
+    # one of them and broadcast, and under ZeRO each rank reads only its fragments of the
+    # moments (whole rows: a row that two fragments share is read twice, hence the slack).
+    # Every rank reading all it holds reads 3.0 (ep2_w2_zero2), 6.6 and 4.3 MiB in all here.
     step3 = saved / "checkpoints" / "step_00000003"
-    everything = sum(t.nbytes for kind in ("model", "optim") for t in read_tensors(step3, kind).values())
-    assert read_mib["ep1_w1_zero0"] == pytest.approx(everything / 2**20, abs=0.05)
-    assert read_mib["ep2_w2_zero2"] < 0.75 * read_mib["ep1_w1_zero0"], read_mib
-    assert read_mib["ep2_w4_zero1"] < read_mib["ep2_w2_zero2"], read_mib
+    everything = sum(t.nbytes for kind in ("model", "optim") for t in read_tensors(step3, kind).values()) / 2**20
+    for name, (total, most) in read_mib.items():
+        assert everything - 0.05 <= total <= everything + 0.1, (name, read_mib, everything)
+    nproc = {name: nproc or 1 for name, (nproc, _) in layouts.items()}
+    for name, (total, most) in read_mib.items():
+        assert most <= total / nproc[name] + 0.25, (name, read_mib)  # shared out, up to the largest tensor
 
 
 def test_weights_only_start_under_expert_parallelism(tiny_data, tmp_path):
