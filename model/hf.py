@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig, RopeScaling
+from .moe import is_stacked_expert_weight
 from .transformer import DeepSeekV3, block_of, init_weights
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,6 @@ def config_from_hf(d: dict) -> ModelConfig:
 # one output shard at a time, never the model: 671B in fp32 is 2.7 TB.
 _MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
             "norm.weight": "shared_head.norm.weight"}  # MTP module k's own parts: ours -> HF (in its layer)
-_STACKED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 def _per_expert_names(name: str, n: int) -> list[list[str]]:
@@ -141,7 +141,7 @@ def hf_tensors(source, cfg: ModelConfig):
     for key in sorted(source.keys(), key=lambda k: (*block_of(k), k)):
         name = _hf_name(key, cfg)
         t = source[key]
-        if not name.endswith(_STACKED):
+        if not is_stacked_expert_weight(name):
             yield name, t
             continue
         names = _per_expert_names(name, t.shape[0])
@@ -211,7 +211,7 @@ class HFReader:
         """Our tensor `key`'s HF name, and for a stacked expert tensor the per-expert names it is
         built from (see _per_expert_names; None otherwise)."""
         name = _hf_name(key, self.cfg)
-        return name, _per_expert_names(name, self.cfg.n_routed_experts) if name.endswith(_STACKED) else None
+        return name, _per_expert_names(name, self.cfg.n_routed_experts) if is_stacked_expert_weight(name) else None
 
     def _stored(self, key: str) -> bool:
         name, parts = self._names(key)

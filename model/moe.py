@@ -82,6 +82,15 @@ class Router(nn.Module):
         return Routing(topk_idx, weight * cfg.routed_scaling_factor, scores)
 
 
+# The stacked expert weights' names in the model's state dict (each (E, ...), dim 0 the expert):
+# the tensors that checkpoints shard by expert and the HF format splits into one per expert.
+STACKED_EXPERT_WEIGHTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def is_stacked_expert_weight(name: str) -> bool:
+    return name.endswith(STACKED_EXPERT_WEIGHTS)
+
+
 class RoutedExperts(nn.Module):
     """n_routed_experts SwiGLU experts stored as stacked weights.
 

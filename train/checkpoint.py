@@ -51,15 +51,10 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model import ConfigError, ModelConfig, block_of
+from model import ConfigError, ModelConfig, block_of, is_stacked_expert_weight
 
 META = "dsv3_meta.json"
-EXPERT_KEYS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def is_expert_name(name: str) -> bool:
-    return name.endswith(EXPERT_KEYS)
 
 
 def checkpoint_tensors(module: torch.nn.Module) -> list[tuple[str, list[torch.nn.Parameter], bool]]:
@@ -378,7 +373,7 @@ def _writing_plan(tensors: list, layout) -> tuple[dict[str, int], int, dict[str,
     shard) for this rank's `tensors` (checkpoint_tensors of its module)."""
     dense, experts = {}, {}
     for name, params, _ in tensors:
-        (experts if is_expert_name(name) else dense)[name] = sum(p.numel() for p in params)
+        (experts if is_stacked_expert_weight(name) else dense)[name] = sum(p.numel() for p in params)
     dense_rank, n_dense, expert_part, n_expert = _parts(dense, experts, layout.world_size, layout.ep)
     expert_rank = {k: j * layout.ep + layout.ep_rank for k, j in expert_part.items()}
     return dense_rank, n_dense, expert_rank, n_expert
@@ -414,7 +409,7 @@ def save(engine, layout, run_dir: Path, step: int, client_state: dict, model_cfg
     partitioned = _zero_partitioned(engine)
     dense, dense_opt, experts, experts_opt = {}, {}, {}, {}
     for name, params, stacked in tensors:
-        expert = is_expert_name(name)
+        expert = is_stacked_expert_weight(name)
         writer = (expert_rank if expert else dense_rank)[name]
         if not (writer == rank or partitioned):
             continue  # unpartitioned: no gather to take part in
@@ -710,7 +705,7 @@ class _Replicas:
             value = reader[key].to(device=device, dtype=torch.float32)
         else:
             value = torch.empty(reader.shape(key), dtype=torch.float32, device=device)
-        dist.broadcast(value, src=src, group=self.expert_group if is_expert_name(name) else None)
+        dist.broadcast(value, src=src, group=self.expert_group if is_stacked_expert_weight(name) else None)
         return value
 
 
@@ -724,11 +719,11 @@ def save_weights_only(tensors, run_dir: Path, model_cfg: ModelConfig) -> Path:
     for key in tensors.keys():
         groups.setdefault(block_of(key), []).append(key)
     order = sorted(groups)
-    with_experts = [g for g in order if any(is_expert_name(k) for k in groups[g])]
+    with_experts = [g for g in order if any(is_stacked_expert_weight(k) for k in groups[g])]
     files = []
     for i, group in enumerate(order):
-        dense = [k for k in groups[group] if not is_expert_name(k)]
-        experts = [k for k in groups[group] if is_expert_name(k)]
+        dense = [k for k in groups[group] if not is_stacked_expert_weight(k)]
+        experts = [k for k in groups[group] if is_stacked_expert_weight(k)]
         parts = [(dense, _dense_files(i, len(order))[0])] if dense else []
         if experts:
             parts.append((experts, _expert_files_for(1, 0, with_experts.index(group), len(with_experts))[0]))

@@ -49,7 +49,7 @@ import copy
 
 import torch
 
-from model import ConfigError, DeepSeekV3, ModelConfig
+from model import ConfigError, DeepSeekV3, ModelConfig, is_stacked_expert_weight
 
 from .checkpoint import largest_write_elements
 from .config import Config
@@ -71,7 +71,7 @@ def _parameter_groups(cfg: ModelConfig) -> dict[str, int]:
     sizes = {"dense": {}, "expert": {}}  # per tensor, for the checkpoint's writing plan
     for name, p in model.named_parameters():
         n = p.numel()
-        if ".mlp.experts." in name:
+        if is_stacked_expert_weight(name):
             groups["expert"] += n
             sizes["expert"][name] = n
             continue

@@ -9,9 +9,9 @@ from collections import Counter
 import pytest
 import torch
 
-from model import DeepSeekV3
+from model import DeepSeekV3, is_stacked_expert_weight
 from parallel.groups import ExpertLayout
-from train.checkpoint import _assign, _writing_plan, checkpoint_tensors, is_expert_name
+from train.checkpoint import _assign, _writing_plan, checkpoint_tensors
 from train.config import load_config
 
 
@@ -35,7 +35,7 @@ def test_assign_balances_largest_first_and_is_deterministic():
 def test_every_tensor_has_one_writer_holding_it(world, ep):
     model = _meta_model("configs/smoke.yaml")
     sizes = {n: p.numel() for n, p in model.named_parameters()}
-    n_dense_params = sum(not is_expert_name(n) for n in sizes)
+    n_dense_params = sum(not is_stacked_expert_weight(n) for n in sizes)
     for rank in range(world):
         layout = ExpertLayout(world, rank, ep, 16, "g", None, None)
         dense, n_dense, experts, n_expert = _writing_plan(checkpoint_tensors(model), layout)
@@ -87,8 +87,8 @@ def test_plan_reports_the_largest_write_save_makes():
             per_rank[r] += sizes[name] // ep
     for name, r in dense.items():
         per_rank[r] += sizes[name]
-    dense_sizes = {n: s for n, s in sizes.items() if not is_expert_name(n)}
-    expert_sizes = {n: s // ep for n, s in sizes.items() if is_expert_name(n)}
+    dense_sizes = {n: s for n, s in sizes.items() if not is_stacked_expert_weight(n)}
+    expert_sizes = {n: s // ep for n, s in sizes.items() if is_stacked_expert_weight(n)}
     assert largest_write_elements(dense_sizes, expert_sizes, world, ep) == max(per_rank.values())
     report = plan(load_config("configs/671b.yaml", []))
     assert report["checkpoint_largest_write_bytes"] == 12 * max(per_rank.values())  # 16.76 GB
