@@ -178,9 +178,10 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         if changed:
             _log0(rank, f"warning: {changed}")
         ckpt_io.set_rng_state(client["rng"])
-        total, most = (_size(client[k]) for k in ("read_bytes_total", "read_bytes_max"))
-        _log0(rank, f"resumed from {resume_from} at step {step} (read {total} of weights and moments, "
-                    f"at most {most} by one rank)")
+        read = f"read {_size(client['read_bytes_total'])} of weights and moments"
+        if world > 1:
+            read += f", at most {_size(client['read_bytes_max'])} by one rank"
+        _log0(rank, f"resumed from {resume_from} at step {step} ({read})")
     elif meta:
         ckpt_io.load_weights(engine, layout, resume_from)
         _log0(rank, f"starting from the weights in {resume_from} (step 0, fresh optimizer)")
