@@ -148,18 +148,18 @@ def read_meta(ckpt: Path) -> dict:
     return json.loads((ckpt / META).read_text())
 
 
-def resolve_resume(resume: str, run_dir: Path, log=None) -> Path | None:
+def resolve_resume(resume: str, run_dir: Path, log=None, collective: bool = True) -> Path | None:
     """train.resume -> the checkpoint directory to start from, or None for a fresh start.
 
     Only checkpoints that pass `verify` are used: with `auto` (or a run directory) a damaged
     newest checkpoint is skipped, said so, and the previous good one taken; a damaged checkpoint
-    named explicitly is an error."""
+    named explicitly is an error. `collective`: as for `verify`."""
     say = log or (lambda msg: None)
     if resume == "never":
         return None
     path = Path(resume)
     if resume != "auto" and (path / META).is_file():
-        problem = verify(path)
+        problem = verify(path, collective)
         if problem:
             raise ConfigError("train.resume", resume, f"checkpoint fails verification: {problem}")
         return path
@@ -167,7 +167,7 @@ def resolve_resume(resume: str, run_dir: Path, log=None) -> Path | None:
     for root in roots:
         found = complete_checkpoints(root)
         for ckpt in reversed(found):
-            problem = verify(ckpt)
+            problem = verify(ckpt, collective)
             if problem is None:
                 return ckpt
             say(f"checkpoint {ckpt} fails verification ({problem}); falling back to an older one")
@@ -195,13 +195,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def verify(ckpt: Path) -> str | None:
+def verify(ckpt: Path, collective: bool = True) -> str | None:
     """None if every file listed in the checkpoint's manifest is present with its size and
     sha256; else what is wrong. (Weights-only checkpoints from import-hf carry a manifest too.)
 
-    Under torch.distributed this is a collective: every rank checks presence and sizes, hashes
-    its share of the files (the i-th file by name on rank i mod world), and all ranks return
-    the same answer, so a checkpoint is read once in all, not once per rank."""
+    Under torch.distributed, unless `collective` is False, this is a collective: every rank
+    checks presence and sizes, hashes its share of the files (the i-th file by name on rank
+    i mod world), and all ranks return the same answer, so a checkpoint is read once in all,
+    not once per rank. collective=False: this process alone checks everything (a sample taken by
+    rank 0 after training, when the other ranks may have exited)."""
     problems = {}  # sort key -> what is wrong; "" first: a problem found before hashing
     try:
         files = read_meta(ckpt).get("files")
@@ -215,12 +217,14 @@ def verify(ckpt: Path) -> str | None:
             problems.setdefault("", f"{name} is missing")
         elif f.stat().st_size != want["size"]:
             problems.setdefault("", f"{name} has {f.stat().st_size} bytes, the manifest says {want['size']}")
+    collective = collective and dist.is_initialized() and dist.get_world_size() > 1
     if not problems:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if collective else (0, 1)
         for name in sorted(files)[rank::world]:
             if _sha256(ckpt / name) != files[name]["sha256"]:
                 problems[name] = f"{name} does not match its sha256"
-    problems = _merged_over_ranks(problems)  # every rank calls it exactly once
+    if collective:
+        problems = _merged_over_ranks(problems)  # every rank calls it exactly once
     return problems[min(problems)] if problems else None
 
 

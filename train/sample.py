@@ -20,7 +20,9 @@ def resolve_run(run_dir: str | Path, checkpoint: str | None = None) -> tuple[Con
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: not found; is {run_dir} a dsv3 run directory?")
     cfg = load_config(cfg_file)
-    ckpt = ckpt_io.resolve_resume(checkpoint or str(run_dir), run_dir)
+    # this process alone: `dsv3 train` samples on rank 0 once training is over, when the other
+    # ranks may have exited
+    ckpt = ckpt_io.resolve_resume(checkpoint or str(run_dir), run_dir, collective=False)
     ckpt_io.check_model_matches(ckpt_io.read_meta(ckpt), cfg.model, ckpt)
     return cfg, ckpt
 

@@ -18,18 +18,19 @@ from tests.support import rows, run_cli
 pytestmark = pytest.mark.distributed
 
 
-def _one_and_two_ranks(tmp_path, *overrides: str) -> tuple[list[dict], list[dict]]:
-    """metrics rows of ep_debug.yaml on one process (EP 1) and on two ranks (EP 2), same data."""
+def _one_and_two_ranks(tmp_path, *overrides: str) -> tuple[list[dict], list[dict], str]:
+    """metrics rows of ep_debug.yaml on one process (EP 1) and on two ranks (EP 2), same data;
+    and the two-rank launch's stdout."""
     data = tmp_path / "data"
     common = [f"data.dir={data}", *overrides]
     run_cli("prepare-data", "configs/ep_debug.yaml", *common)
     runs = {}
     for nproc, ep in ((1, 1), (2, 2)):
         run = tmp_path / f"ep{ep}"
-        run_cli("launch", "local", "configs/ep_debug.yaml", "--nproc", str(nproc), f"parallel.ep={ep}",
-                *common, f"train.run_dir={run}")
+        proc = run_cli("launch", "local", "configs/ep_debug.yaml", "--nproc", str(nproc), f"parallel.ep={ep}",
+                       *common, f"train.run_dir={run}")
         runs[ep] = rows(run)
-    return runs[1], runs[2]
+    return runs[1], runs[2], proc.stdout
 
 
 def _agree(one: list[dict], two: list[dict], steps: int, loss_tol: float, norm_rel: float) -> None:
@@ -45,7 +46,11 @@ def _agree(one: list[dict], two: list[dict], steps: int, loss_tol: float, norm_r
 
 
 def test_ep2_on_two_ranks_matches_one_process(tmp_path):
-    one, two = _one_and_two_ranks(tmp_path, "train.steps=12", "train.eval_interval=6", "checkpoint.interval=12")
+    one, two, out = _one_and_two_ranks(tmp_path, "train.steps=12", "train.eval_interval=6", "checkpoint.interval=12",
+                                       "train.sample_tokens=8")
+    # the closing sample: rank 0 alone, once the other rank has gone (it used to take part in a
+    # collective there and fail the launch)
+    assert "--- sample ('**ROMEO**') ---\n**ROMEO**" in out, out[-2000:]
     # Gradients are far more sensitive than losses to fp32 summation order: at this config's
     # step-10 spike the norm differs by ~0.1% between 1 and 2 ranks even with plain data
     # parallelism (no EP), while losses agree to 1e-5.
@@ -57,6 +62,6 @@ def test_bf16_ep2_on_two_ranks_tracks_one_process(tmp_path):
     experts over two ranks, on CPU. Other reduction orders move bf16-rounded weights by whole bf16
     steps, so the runs agree less closely than in fp32: losses within 2e-3 of ~10 over 4 steps
     (seen: 1.3e-4), the global grad norm within 1% (seen: 0.1%)."""
-    one, two = _one_and_two_ranks(tmp_path, "train.steps=4", "train.eval_interval=4", "checkpoint.interval=4",
+    one, two, _ = _one_and_two_ranks(tmp_path, "train.steps=4", "train.eval_interval=4", "checkpoint.interval=4",
                                   "model.precision=bf16", "parallel.zero_stage=2")
     _agree(one, two, 4, loss_tol=2e-3, norm_rel=1e-2)
