@@ -1,5 +1,6 @@
 """Launching without a SLURM cluster: the clear refusal, `dsv3 launch local`, and the graceful
-stop on SIGTERM that SLURM's scancel relies on, checked on a plain `dsv3 train`."""
+stop on SIGTERM that SLURM's scancel relies on, checked on a plain `dsv3 train` and through
+`dsv3 launch local`."""
 
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ def test_launch_slurm_without_sbatch_exits_2_with_one_line(tmp_path):
 def test_launch_local_builds_torchrun_and_sets_omp_on_cpu(monkeypatch):
     seen = {}
 
-    def fake_call(cmd, env):
+    def run_instead(cmd, env, log):
         seen.update(cmd=cmd, env=env)
         return 0
 
-    monkeypatch.setattr(local.subprocess, "call", fake_call)
+    monkeypatch.setattr(local, "run_until_stopped", run_instead)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     overrides = ["train.device=cpu", "train.micro_batch_size=8"]
     rc = local.launch_local("configs/smoke.yaml", 2, overrides, log=lambda m: None)
@@ -40,6 +42,7 @@ def test_launch_local_builds_torchrun_and_sets_omp_on_cpu(monkeypatch):
     assert seen["cmd"] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "train.cli", "train", "configs/smoke.yaml", *overrides]
     assert seen["env"]["OMP_NUM_THREADS"] == "1"
+    assert seen["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "600"  # parallel.timeout_s: time to save on a stop
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a value the user set stays
     local.launch_local("configs/smoke.yaml", 2, overrides, log=lambda m: None)
     assert seen["env"]["OMP_NUM_THREADS"] == "3"
@@ -87,6 +90,49 @@ def test_sigterm_saves_and_exits_0_then_resumes(tiny_data, tmp_path, sig):
     again = run_cli("train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}", f"train.steps={step + 2}")
     assert f"resumed from {run / 'checkpoints' / f'step_{step:08d}'} at step {step}" in again.stderr
     assert [r["step"] for r in rows(run)] == list(range(step + 3))
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Pids of the live processes whose command line contains text."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
+def test_ctrl_c_on_launch_local_saves_and_leaves_nothing_running(tiny_data, tmp_path):
+    """Ctrl-C on `dsv3 launch local --nproc 2` (SIGINT to the launcher: torchrun and the ranks run
+    in a session of their own) reaches the ranks once, through torchrun; they save at the next
+    step and exit, the launcher waits for them and exits 130. It used to die at once and SIGKILL
+    torchrun, leaving the ranks training with nobody watching."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train.cli", "launch", "local", "configs/smoke.yaml", "--nproc", "2", *tiny_data,
+         f"train.run_dir={run}", "train.steps=2000", "checkpoint.interval=1000"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        wait_for_step(run, 3, timeout_s=120)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    left = _processes_naming(f"train.run_dir={run}")
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"still running after the launcher returned: {left}\n{err[-3000:]}"
+    assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+    saved = [line for line in err.splitlines() if line.startswith("SIGTERM/SIGINT: saved a checkpoint at step")]
+    assert len(saved) == 1, err[-3000:]
+    step = int(saved[0].split("step ")[1].split(",")[0])
+    assert (run / "checkpoints" / f"step_{step:08d}" / "dsv3_meta.json").is_file()
 
 
 def test_launch_section_becomes_sbatch_flags(tmp_path):
