@@ -199,42 +199,49 @@ def verify(ckpt: Path, collective: bool = True) -> str | None:
     """None if every file listed in the checkpoint's manifest is present with its size and
     sha256; else what is wrong. (Weights-only checkpoints from import-hf carry a manifest too.)
 
-    Under torch.distributed, unless `collective` is False, this is a collective: every rank
-    checks presence and sizes, hashes its share of the files (the i-th file by name on rank
-    i mod world), and all ranks return the same answer, so a checkpoint is read once in all,
-    not once per rank. collective=False: this process alone checks everything (a sample taken by
-    rank 0 after training, when the other ranks may have exited)."""
-    problems = {}  # sort key -> what is wrong; "" first: a problem found before hashing
+    Under torch.distributed, unless `collective` is False, this is a collective: each rank
+    checks its share of the files (the i-th file by name on rank i mod world: present, of its
+    size, then its sha256), and all ranks return the same answer, so a checkpoint is read and
+    even stat'ed once in all, not once per rank. collective=False: this process alone checks
+    everything (a sample taken by rank 0 after training, when the other ranks may have exited).
+    The answer is the first problem in this order: the meta file, then a missing or wrongly sized
+    file, then a wrong hash (files by name)."""
+    problems = {}  # sort key -> what is wrong
     try:
         files = read_meta(ckpt).get("files")
         if not files:
             problems[""] = f"{META} has no file manifest"
     except (OSError, ValueError) as err:
         files, problems[""] = None, f"unreadable {META}: {err}"
-    for name, want in (files or {}).items():
-        f = ckpt / name
-        if not f.is_file():
-            problems.setdefault("", f"{name} is missing")
-        elif f.stat().st_size != want["size"]:
-            problems.setdefault("", f"{name} has {f.stat().st_size} bytes, the manifest says {want['size']}")
     collective = collective and dist.is_initialized() and dist.get_world_size() > 1
-    if not problems:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if collective else (0, 1)
-        for name in sorted(files)[rank::world]:
+    rank, world = (dist.get_rank(), dist.get_world_size()) if collective else (0, 1)
+    mine = sorted(files or {})[rank::world]
+    for name in mine:
+        f, want = ckpt / name, files[name]
+        if not f.is_file():
+            problems[f"1 {name}"] = f"{name} is missing"
+        elif f.stat().st_size != want["size"]:
+            problems[f"1 {name}"] = f"{name} has {f.stat().st_size} bytes, the manifest says {want['size']}"
+    if not problems:  # hashing is the slow part: not when something is already known wrong here
+        for name in mine:
             if _sha256(ckpt / name) != files[name]["sha256"]:
-                problems[name] = f"{name} does not match its sha256"
+                problems[f"2 {name}"] = f"{name} does not match its sha256"
     if collective:
         problems = _merged_over_ranks(problems)  # every rank calls it exactly once
     return problems[min(problems)] if problems else None
 
 
 def _manifest_entries(folder: Path, names: list[str]) -> dict[str, dict]:
-    """Size and sha256 of each named file in `folder`, synced to disk first."""
+    """Size and sha256 of each named file in `folder`, synced to disk first; for a safetensors
+    file also its tensors and their shapes (so a reader opens only the files it reads from)."""
     entries = {}
     for name in names:
         f = folder / name
         _fsync(f)
         entries[name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        if name.endswith(".safetensors"):
+            with safe_open(str(f), framework="pt") as fh:
+                entries[name]["tensors"] = {k: list(fh.get_slice(k).get_shape()) for k in sorted(fh.keys())}
     return entries
 
 
@@ -479,36 +486,59 @@ class TensorReader:
     is asked for, so a rank holds one at a time: dense tensors whole, stacked expert tensors
     only experts [first, last) of `experts` (all of them for None), read as row slices of
     however many shard files the checkpoint was saved with, in however many parts. A rank never
-    reads another rank's experts. Use as a context manager: the files stay open inside it."""
+    reads another rank's experts. Use as a context manager: the files stay open inside it.
+
+    Which file holds which tensor, and its shape, come from the manifest (each file's entry
+    lists its tensors), so a file is opened only when a tensor in it is read: at 671B on 1536
+    ranks a resume opens a few of the checkpoint's ~4,700 files per rank, not all of them (7.2M
+    opens of the filesystem's metadata server). Checkpoints whose manifest has no lists (older
+    ones, or files written without a manifest) are indexed by opening every file's header."""
 
     def __init__(self, ckpt: Path, prefix: str, experts: tuple[int, int] | None = None):
-        dense_files = sorted(f for f in ckpt.glob(f"{prefix}-dense*.safetensors") if _DENSE_FILE.search(f.name))
+        self.ckpt, self.experts = ckpt, experts
+        self._dense: dict[str, Path] = {}  # key -> file
+        self._shards: dict[int, dict[str, Path]] = {}  # shard -> key -> file
+        self._shapes: dict[tuple[Path, str], tuple[int, ...]] = {}
+        self._handles: dict[Path, object] = {}
+        self._files = contextlib.ExitStack()
+        self.bytes_read = 0  # tensor bytes read from the files so far
+        listed = _listed_tensors(ckpt, prefix)
+        names = sorted(listed) if listed is not None else sorted(f.name for f in ckpt.glob(f"{prefix}-*.safetensors"))
+        dense_files = [n for n in names if n.startswith(f"{prefix}-dense") and _DENSE_FILE.search(n)]
         if not dense_files:
             raise FileNotFoundError(f"{ckpt}: no {prefix}-dense-part*.safetensors "
                                     "(not a dsv3 checkpoint, or an incomplete one)")
-        self.ckpt, self.experts = ckpt, experts
-        self._dense: dict[str, object] = {}  # key -> open file
-        self._shards: dict[int, dict[str, object]] = {}  # shard -> key -> open file
-        self._files = contextlib.ExitStack()
         try:
-            for f in dense_files:
-                self._add(self._dense, f)
-            for f in sorted(ckpt.glob(f"{prefix}-experts-ep*.safetensors")):
-                match = _EXPERT_FILE.search(f.name)
-                if match:
-                    self._add(self._shards.setdefault(int(match.group(1)), {}), f)
+            for name in names:
+                match = _EXPERT_FILE.search(name) if name.startswith(f"{prefix}-experts-") else None
+                if name in dense_files:
+                    self._add(self._dense, ckpt / name, listed and listed[name])
+                elif match:
+                    self._add(self._shards.setdefault(int(match.group(1)), {}), ckpt / name, listed and listed[name])
         except BaseException:
             self._files.close()
             raise
         self._expert_keys = {k for keys in self._shards.values() for k in keys}
-        self.bytes_read = 0  # tensor bytes read from the files so far
 
-    def _add(self, index: dict, path: Path) -> None:
-        fh = self._files.enter_context(safe_open(str(path), framework="pt"))
-        for key in fh.keys():
+    def _open(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = self._files.enter_context(safe_open(str(path), framework="pt"))
+        return self._handles[path]
+
+    @property
+    def files_opened(self) -> int:
+        return len(self._handles)
+
+    def _add(self, index: dict, path: Path, shapes: dict[str, tuple[int, ...]] | None) -> None:
+        """Index the tensors of one file: from the manifest's list, else from its header."""
+        if shapes is None:
+            fh = self._open(path)
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        for key, shape in shapes.items():
             if key in index:
                 raise ValueError(f"{self.ckpt}: {key} is in two files of one kind ({path.name} and another)")
-            index[key] = fh
+            index[key] = path
+            self._shapes[(path, key)] = tuple(shape)
 
     def __enter__(self) -> TensorReader:
         return self
@@ -523,17 +553,20 @@ class TensorReader:
         return key in self._dense or key in self._expert_keys
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        value = self._dense[key].get_tensor(key) if key in self._dense else self._expert_rows(key, self.experts)
+        if key in self._dense:
+            value = self._open(self._dense[key]).get_tensor(key)
+        else:
+            value = self._expert_rows(key, self.experts)
         self.bytes_read += value.nbytes
         return value
 
     def shape(self, key: str) -> tuple[int, ...]:
-        """self[key].shape, read from the file headers only."""
+        """self[key].shape, from the manifest or the file headers."""
         if key in self._dense:
-            return tuple(self._dense[key].get_slice(key).get_shape())
+            return self._shapes[(self._dense[key], key)]
         if key not in self._expert_keys:
             raise KeyError(f"{self.ckpt}: no tensor {key}")
-        shapes = [tuple(keys[key].get_slice(key).get_shape()) for keys in self._shards.values() if key in keys]
+        shapes = [self._shapes[(keys[key], key)] for keys in self._shards.values() if key in keys]
         first, last = self.experts or (0, sum(s[0] for s in shapes))
         return (last - first, *shapes[0][1:])
 
@@ -547,7 +580,7 @@ class TensorReader:
         row = math.prod(shape[1:])  # elements per row (1 for a vector)
         r0, r1 = start // row, -(-(start + numel) // row)
         if key in self._dense:
-            rows = self._dense[key].get_slice(key)[r0:r1]
+            rows = self._open(self._dense[key]).get_slice(key)[r0:r1]
         else:
             first = self.experts[0] if self.experts else 0
             rows = self._expert_rows(key, (first + r0, first + r1))
@@ -556,23 +589,37 @@ class TensorReader:
 
     def _expert_rows(self, key: str, experts: tuple[int, int] | None) -> torch.Tensor:
         """Experts [first, last) of a stacked expert tensor (all of them for None), from however
-        many shard files hold them."""
+        many shard files hold them (opening only those)."""
         if key not in self._expert_keys:
             raise KeyError(f"{self.ckpt}: no tensor {key}")
         parts, start = [], 0  # start: global id of the current shard's first expert
         for shard in sorted(self._shards):
             if key not in self._shards[shard]:
                 raise KeyError(f"{self.ckpt}: expert shard {shard} has no {key}")
-            piece = self._shards[shard][key].get_slice(key)
-            end = start + piece.get_shape()[0]
+            path = self._shards[shard][key]
+            end = start + self._shapes[(path, key)][0]
             lo, hi = (start, end) if experts is None else (max(experts[0], start), min(experts[1], end))
             if lo < hi:
-                parts.append(piece[lo - start:hi - start])
+                parts.append(self._open(path).get_slice(key)[lo - start:hi - start])
             start = end
         first, last = experts or (0, start)
         if sum(t.shape[0] for t in parts) != last - first:
             raise ValueError(f"{self.ckpt}: {key} holds {start} experts; experts [{first}, {last}) were asked for")
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _listed_tensors(ckpt: Path, prefix: str) -> dict[str, dict[str, list[int]]] | None:
+    """{file: {tensor: shape}} for the checkpoint's `prefix` files, from its manifest; None when
+    there is no manifest or it does not list every such file's tensors."""
+    try:
+        files = read_meta(ckpt).get("files") or {}
+    except (OSError, ValueError):
+        return None
+    mine = {name: entry.get("tensors") for name, entry in files.items()
+            if name.startswith(f"{prefix}-") and name.endswith(".safetensors")}
+    if not mine or any(t is None for t in mine.values()):
+        return None
+    return mine
 
 
 def read_tensors(ckpt: Path, prefix: str, experts: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
