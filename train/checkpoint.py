@@ -722,9 +722,9 @@ def load_weights(engine, layout, ckpt: Path) -> int:
 
 
 def _check_shapes(reader: TensorReader, wanted: list[tuple[str, tuple[int, ...]]]) -> None:
-    """Every saved shape against the model's, from the file headers, before any tensor is read:
-    every rank sees the same headers, so all of them stop on the same error (none waits in a
-    broadcast for a rank that has already raised)."""
+    """Every saved shape against the model's, before any tensor is read (from the manifest, or
+    the file headers): every rank sees the same shapes, so all of them stop on the same error
+    (none waits in a broadcast for a rank that has already raised)."""
     for key, want in wanted:
         if reader.shape(key) != want:
             raise ValueError(f"checkpoint tensor {key} has shape {reader.shape(key)}, model {want}")
