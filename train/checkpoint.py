@@ -213,7 +213,7 @@ def verify(ckpt: Path, collective: bool = True) -> str | None:
             problems[""] = f"{META} has no file manifest"
     except (OSError, ValueError) as err:
         files, problems[""] = None, f"unreadable {META}: {err}"
-    collective = collective and dist.is_initialized() and dist.get_world_size() > 1
+    collective = collective and _multi_rank()
     rank, world = (dist.get_rank(), dist.get_world_size()) if collective else (0, 1)
     mine = sorted(files or {})[rank::world]
     for name in mine:
@@ -247,7 +247,7 @@ def _manifest_entries(folder: Path, names: list[str]) -> dict[str, dict]:
 
 def _merged_over_ranks(part: dict) -> dict:
     """The union of every rank's dict (a collective: every rank calls it)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not _multi_rank():
         return part
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, part)
@@ -472,8 +472,13 @@ def save(engine, layout, run_dir: Path, step: int, client_state: dict, model_cfg
     return ckpt
 
 
+def _multi_rank() -> bool:
+    """Whether this process has peers (a collective would talk to someone)."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _multi_rank():
         dist.barrier()
 
 
@@ -679,18 +684,16 @@ def load(engine, layout, ckpt: Path) -> dict:
             else:
                 state["step"] = torch.tensor(float(step_count), dtype=torch.float32,
                                              device=p.device if on_device else "cpu")
-    return {**client, **_read_totals(read_bytes, next(engine.module.parameters()).device)}
+    return {**client, **_read_totals(read_bytes)}
 
 
-def _read_totals(read_bytes: int, device: torch.device) -> dict[str, int]:
+def _read_totals(read_bytes: int) -> dict[str, int]:
     """This rank's tensor bytes read, the sum over the ranks, and the most any one rank read."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return {"read_bytes": read_bytes, "read_bytes_total": read_bytes, "read_bytes_max": read_bytes}
-    counts = torch.tensor([read_bytes, read_bytes], dtype=torch.float64, device=device)
-    dist.all_reduce(counts[:1])
-    dist.all_reduce(counts[1:], op=dist.ReduceOp.MAX)
-    total, most = (int(v) for v in counts.tolist())
-    return {"read_bytes": read_bytes, "read_bytes_total": total, "read_bytes_max": most}
+    from parallel.engine import all_reduce_  # (imports DeepSpeed: not at module level, for sample/export)
+
+    total = all_reduce_(torch.tensor([read_bytes], dtype=torch.float64))
+    most = all_reduce_(torch.tensor([read_bytes], dtype=torch.float64), op=dist.ReduceOp.MAX)
+    return {"read_bytes": read_bytes, "read_bytes_total": int(total.item()), "read_bytes_max": int(most.item())}
 
 
 def load_weights(engine, layout, ckpt: Path) -> int:
@@ -740,7 +743,7 @@ class _Replicas:
     layout would have it write (`_writing_plan`): whole tensors balanced by size."""
 
     def __init__(self, tensors: list, layout):
-        self.distributed = dist.is_initialized() and dist.get_world_size() > 1
+        self.distributed = _multi_rank()
         if self.distributed:
             dense_rank, _, expert_rank, _ = _writing_plan(tensors, layout)
             self.reader = {**dense_rank, **expert_rank}
