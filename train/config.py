@@ -8,6 +8,7 @@ and the file. Cross-field checks live in `Config.validate`.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -296,8 +297,33 @@ def _precheck(tree, source: str) -> None:
         section = tree.get(f.name)
         if section is not None and not isinstance(section, dict):
             raise ConfigError(f.name, section, "a section of key: value pairs")
+        if section:
+            _check_yaml_booleans(f.name, section)
     if isinstance(tree.get("data"), dict):
         _check_sources(tree["data"].get("sources"), source)
+
+
+def _check_yaml_booleans(name: str, section: dict) -> None:
+    """YAML reads an unquoted off/no/false/on/yes/true as a boolean, which OmegaConf would store in
+    a text field as the word 'False' or 'True'. Say so, naming the key, instead of failing later
+    on that word; `logging.wandb: off` (or false, no) is taken to mean disabled."""
+    cls = next(f for f in dataclasses.fields(Config) if f.name == name).default_factory
+    types = typing.get_type_hints(cls)
+    for key, value in section.items():
+        if not isinstance(value, bool) or key not in types:
+            continue
+        allowed = _member_types(types[key])
+        if bool in allowed or str not in allowed:
+            continue  # a flag, or a field OmegaConf type-checks itself
+        if (name, key, value) == ("logging", "wandb", False):
+            section[key] = "disabled"
+            continue
+        raise ConfigError(f"{name}.{key}", value,
+                          "text, and YAML reads an unquoted yes/no/on/off/true/false as a boolean: quote it")
+
+
+def _member_types(annotation) -> set:
+    return set(typing.get_args(annotation)) or {annotation}
 
 
 def _check_sources(items, source: str) -> None:
@@ -340,9 +366,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                 raise ConfigError(item, None, "overrides are dotted.key=value")
         if overrides:
             source = f"{source} + overrides"
-            dotted = OmegaConf.from_dotlist(list(overrides))
-            _precheck(OmegaConf.to_container(dotted), source)
-            merged = OmegaConf.merge(merged, dotted)
+            dotted = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+            _precheck(dotted, source)
+            merged = OmegaConf.merge(merged, OmegaConf.create(dotted))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _omegaconf_error(err, source) from None

@@ -40,6 +40,9 @@ def test_smoke_loads_and_overrides_apply():
         ("data.sources=[plays]", "data.sources"),  # not a mapping
         ("data.sources=[null]", "data.sources"),
         ("data=5", "data"),
+        ("train.resume=no", "train.resume"),  # YAML's boolean no, not a path named 'False'
+        ("model.scoring_func=yes", "model.scoring_func"),
+        ("logging.wandb=on", "logging.wandb"),  # online or offline? say which
     ],
 )
 def test_bad_values_name_key_and_file(override, key):
@@ -47,6 +50,16 @@ def test_bad_values_name_key_and_file(override, key):
         load_config(SMOKE, [override])
     msg = str(err.value)
     assert key in msg and SMOKE in msg, msg
+
+
+def test_wandb_off_means_disabled_in_the_yaml_and_the_overrides(tmp_path):
+    # YAML reads off/false/no as the boolean False; W&B's word for it is disabled
+    for word in ("off", "false", "no"):
+        assert load_config(SMOKE, [f"logging.wandb={word}"]).logging.wandb == "disabled"
+        f = tmp_path / "off.yaml"
+        f.write_text(f"logging:\n  wandb: {word}\n")
+        assert load_config(f).logging.wandb == "disabled"
+    assert load_config(SMOKE, ["logging.progress=off"]).logging.progress is False  # flags stay flags
 
 
 def test_deepseek_schedule_phases_must_be_in_order():
