@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -23,6 +24,11 @@ from .fp8 import apply_fp8
 
 from .expert_parallel import apply_expert_parallel, is_expert_param
 from .groups import ExpertLayout, build_expert_layout
+
+# DeepSpeed's ZeRO-1/2 gather calls torch's all_gather_into_tensor, which torch 2.13 marks
+# deprecated: one FutureWarning per rank in every multi-rank log that its user cannot act on.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)
 
 
 @dataclass
