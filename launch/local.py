@@ -5,11 +5,12 @@ CONFIG [overrides]` and returns its exit status. torchrun sets RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT for every process, which parallel/engine.py reads.
 
 Stopping (`run_until_stopped`): torchrun and the ranks run in a session of their own, so Ctrl-C,
-SIGTERM or a hangup reaches this process only, which passes one stop to torchrun; torchrun passes
-it to the ranks, which save a checkpoint at the next step and exit (dsv3 train's graceful stop),
-and this waits for them. torchrun kills ranks that have not exited after its shutdown timeout:
-parallel.timeout_s here (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, unless set; torchrun's own default is
-30 s, short for a large save). A second Ctrl-C kills them at once.
+SIGTERM or a hangup reaches this process only, which passes one stop to the ranks, torchrun's
+children; they save a checkpoint at the next step and exit 0 (dsv3 train's graceful stop), torchrun
+sees them finish, and this waits for it. Before the ranks have started, the stop goes to torchrun,
+which passes it on and ends with a traceback; it then kills ranks that have not exited after its
+shutdown timeout: parallel.timeout_s here (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, unless set; torchrun's
+own default is 30 s, short for a large save). A second Ctrl-C kills them all at once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from model import ConfigError
 
@@ -61,10 +63,10 @@ def launch_local(config: str, nproc: int, overrides: list[str], log=print) -> in
 
 
 def run_until_stopped(cmd: list[str], env: dict, log=print) -> int:
-    """Run cmd (torchrun) in a new session and return its exit status (128 + the signal when a
-    stop ended it), passing the first Ctrl-C, SIGTERM or hangup on to it as one SIGINT or
-    SIGTERM, and killing its whole session on a second. (Left to the terminal, Ctrl-C would
-    reach torchrun and every rank at once; and dying here would leave them running, unwatched.)"""
+    """Run cmd (torchrun) in a new session and return its exit status, 128 + the signal when a stop
+    ended it. The first Ctrl-C, SIGTERM or hangup goes on to the ranks as one SIGINT or SIGTERM; a
+    second kills the whole session. (Left to the terminal, Ctrl-C would reach torchrun and every
+    rank at once; and dying here would leave them running, unwatched.)"""
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     stops = []
 
@@ -73,7 +75,14 @@ def run_until_stopped(cmd: list[str], env: dict, log=print) -> int:
         if len(stops) == 1:
             log(f"{signal.Signals(sig).name}: the ranks stop at the next step and save a checkpoint; "
                 "waiting for them (Ctrl-C again kills them now)")
-            proc.send_signal(signal.SIGINT if sig == signal.SIGINT else signal.SIGTERM)
+            stop = signal.SIGINT if sig == signal.SIGINT else signal.SIGTERM
+            # to the ranks themselves: torchrun, signalled, ends non-zero with a traceback even
+            # when every rank saved and exited 0; it only has to see them finish
+            for pid in children(proc.pid) or [proc.pid]:
+                try:
+                    os.kill(pid, stop)
+                except ProcessLookupError:
+                    pass  # exited meanwhile
         else:
             log("killing torchrun and the ranks")
             os.killpg(proc.pid, signal.SIGKILL)
@@ -82,9 +91,20 @@ def run_until_stopped(cmd: list[str], env: dict, log=print) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in handled}
     try:
         status = proc.wait()
-        # torchrun ends non-zero, with a traceback, once it has passed a signal on, even when every
-        # rank saved and exited 0; the shell's convention for "stopped by signal N" says what happened
-        return 128 + stops[0] if stops and status != 0 else status
+        return 128 + stops[0] if stops else status  # the shell's "stopped by signal N"
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is pid, from /proc (Linux); [] where there is none."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not a process
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found

@@ -34,7 +34,13 @@ def cmd_train(args) -> int:
 
     cfg = _config(args)
     result = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0 and result.val_loss is not None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if result.stopped_by:  # no sample: whoever stopped the run wants it to end
+        print(f"stopped at step {result.step} of {cfg.train.steps} ({result.stopped_by})"
+              + (f"; the latest val_loss {result.val_loss:.4f} is from step {result.val_step}"
+                 if result.val_loss is not None else ""))
+    elif result.val_loss is not None:
         print(f"final step {result.step}: val_loss {result.val_loss:.4f}"
               + (f" (first {result.first_val_loss:.4f})" if result.first_val_loss is not None else ""))
         if cfg.train.sample_tokens > 0:

@@ -33,11 +33,11 @@ from .metrics import MetricsLogger, flops_per_token, mfu, peak_memory, run_peak_
 @dataclass
 class TrainResult:
     step: int
-    val_loss: float | None
+    val_loss: float | None  # the latest evaluation's, at val_step: the last step unless a signal stopped it
     first_val_loss: float | None
     run_dir: Path
-    sample: str | None = None
     stopped_by: str | None = None  # "SIGTERM/SIGINT" or "SIGUSR2" when a signal ended the run early
+    val_step: int | None = None
 
 
 def _log0(rank: int, msg: str) -> None:
@@ -215,9 +215,10 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     _log0(rank, f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_src}); {fpt / 1e6:.4g} MFLOP/token")
 
     first_val = None
-    val_loss = None
+    val_loss = val_step = None
     if step == 0:
         val_loss = first_val = evaluate(engine, val, info)
+        val_step = 0
         logger.log(0, val_loss=val_loss)
         _log0(rank, f"step 0: val_loss {val_loss:.4f}")
 
@@ -294,6 +295,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         row_val = None
         if do_eval:
             val_loss = row_val = evaluate(engine, val, info)
+            val_step = step
         if do_log:
             peak_mem = peak_memory(info.device)
             # a bad sample is found by the rank that reads it: count the shards every rank found
@@ -332,7 +334,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     val_samples.close()
     if dist.is_initialized():
         dist.barrier()
-    return TrainResult(step, val_loss, first_val, run_dir, stopped_by=stop.agreed_reason)
+    return TrainResult(step, val_loss, first_val, run_dir, stopped_by=stop.agreed_reason, val_step=val_step)
 
 
 def _last_checkpoint(run_dir: Path) -> str:

@@ -66,12 +66,14 @@ def test_launch_local_trains_two_ranks(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_saves_and_exits_0_then_resumes(tiny_data, tmp_path, sig):
-    """kill -TERM (or Ctrl-C) a plain `dsv3 train`: it saves at the next step and exits 0; a rerun resumes there."""
+    """kill -TERM (or Ctrl-C) a plain `dsv3 train`: it saves at the next step and exits 0, saying where
+    it stopped and which step its latest val_loss is from, without the closing sample; a rerun
+    resumes there."""
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "train.cli", "train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}",
-         "train.steps=2000", "checkpoint.interval=1000"],
+         "train.steps=2000", "checkpoint.interval=1000", "train.sample_tokens=4"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -86,6 +88,10 @@ def test_sigterm_saves_and_exits_0_then_resumes(tiny_data, tmp_path, sig):
     assert len(saved) == 1, err[-3000:]
     step = int(saved[0].split("step ")[1].split(",")[0])
     assert 3 <= step < 2000
+    evals = [r for r in rows(run) if r.get("val_loss") is not None]  # train.eval_interval=3
+    assert f"stopped at step {step} of 2000 (SIGTERM/SIGINT); the latest val_loss {evals[-1]['val_loss']:.4f} " \
+           f"is from step {evals[-1]['step']}" in out, out
+    assert "final step" not in out and "--- sample" not in out, out
     assert [p.name for p in (run / "checkpoints").glob("step_*")] == [f"step_{step:08d}"]
     again = run_cli("train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}", f"train.steps={step + 2}")
     assert f"resumed from {run / 'checkpoints' / f'step_{step:08d}'} at step {step}" in again.stderr
@@ -107,9 +113,10 @@ def _processes_naming(text: str) -> list[int]:
 
 def test_ctrl_c_on_launch_local_saves_and_leaves_nothing_running(tiny_data, tmp_path):
     """Ctrl-C on `dsv3 launch local --nproc 2` (SIGINT to the launcher: torchrun and the ranks run
-    in a session of their own) reaches the ranks once, through torchrun; they save at the next
-    step and exit, the launcher waits for them and exits 130. It used to die at once and SIGKILL
-    torchrun, leaving the ranks training with nobody watching."""
+    in a session of their own) reaches the ranks once; they save at the next step and exit, the
+    launcher waits for them and exits 130. It used to die at once and SIGKILL torchrun, leaving the
+    ranks training with nobody watching; then it passed the stop through torchrun, which ended
+    with its own traceback after the ranks had saved."""
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     proc = subprocess.Popen(
@@ -133,6 +140,7 @@ def test_ctrl_c_on_launch_local_saves_and_leaves_nothing_running(tiny_data, tmp_
     assert len(saved) == 1, err[-3000:]
     step = int(saved[0].split("step ")[1].split(",")[0])
     assert (run / "checkpoints" / f"step_{step:08d}" / "dsv3_meta.json").is_file()
+    assert "Traceback" not in err, err[-3000:]  # a stop, not a crash
 
 
 def test_launch_section_becomes_sbatch_flags(tmp_path):
