@@ -143,7 +143,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         # it trains and restores this one when it returns
         requeue = signal.getsignal(signal.SIGUSR2)
         result = train(self.cfg)
-        summary = {"step": result.step, "val_loss": result.val_loss, "stopped_by": result.stopped_by}
+        summary = {"step": result.step, "val_loss": result.val_loss, "val_step": result.val_step,
+                   "stopped_by": result.stopped_by}
         if result.stopped_by == "SIGUSR2" and result.step < self.cfg.train.steps and callable(requeue):
             # Every rank has saved at result.step. On rank 0 submitit now calls checkpoint(), stores
             # the DelayedSubmission for the requeued job, runs `scontrol requeue` and exits; on the
