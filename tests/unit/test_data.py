@@ -232,6 +232,25 @@ def test_mix_and_pack_rules():
     assert pack_samples(np.arange(4), 4).shape == (0, 5)
 
 
+def test_documents_encoded_in_batches_give_the_one_by_one_stream(prepared):
+    """prepare-data encodes ~_ENCODE_CHARS of text at a time (tokenizers' Encodings are ~150 bytes
+    per token); across batch boundaries the stream is each document's ids and an EOD, in order,
+    and a document longer than a batch is encoded whole."""
+    cfg, _ = prepared
+    tok = Tokenizer.from_file(str(Path(cfg.data.dir) / "tokenizer.json"))
+    rng = random.Random(3)
+    docs, chars = [], 0
+    while chars < 2.5 * data._ENCODE_CHARS:
+        docs.append(data.Document(f"d{len(docs)}", _text(rng, f"D{len(docs)}", rng.randrange(0, 400))))
+        chars += len(docs[-1].text)
+    docs.insert(len(docs) // 2, data.Document("long", _text(rng, "LONG", data._ENCODE_CHARS // 3)))
+    eod = tok.token_to_id(EOD_TOKEN)
+    stream = data._encode_documents(tok, docs, eod, np.dtype(np.uint16))
+    assert stream.dtype == np.uint16
+    assert stream.tolist() == _expected_stream(tok, [d.text for d in docs], eod).tolist()
+    assert data._encode_documents(tok, [], eod, np.dtype(np.int32)).dtype == np.int32
+
+
 def test_existing_tokenizer(prepared, tmp_path):
     cfg, _ = prepared
     given = tmp_path / "given.json"
