@@ -43,7 +43,10 @@ def cmd_train(args) -> int:
     elif result.val_loss is not None:
         print(f"final step {result.step}: val_loss {result.val_loss:.4f}"
               + (f" (first {result.first_val_loss:.4f})" if result.first_val_loss is not None else ""))
-        if cfg.train.sample_tokens > 0:
+        if cfg.train.sample_tokens > 0 and not (result.run_dir / "tokenizer.json").is_file():
+            print(f"no sample: {result.run_dir} has no tokenizer.json to decode with (shards from elsewhere: put "
+                  "their tokenizer.json beside them)")
+        elif cfg.train.sample_tokens > 0:
             from .sample import sample_text
 
             text = sample_text(result.run_dir, cfg.train.sample_prompt, cfg.train.sample_tokens)

@@ -195,7 +195,8 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
             _log0(rank, f"moved {len(moved[1])} checkpoint(s) past step {step} that this run does not continue "
                         f"({', '.join(moved[1])}) to {moved[0]}; delete that folder when it is not needed")
         save_config(cfg, run_dir / "config.yaml")
-        tok = Path(cfg.data.dir) / "tokenizer.json"
+        # beside the train manifest: data.dir's, or data.train_shards' folder for shards made elsewhere
+        tok = train_samples.manifest_path.parent / "tokenizer.json"
         if tok.is_file():
             (run_dir / "tokenizer.json").write_bytes(tok.read_bytes())
 

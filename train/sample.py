@@ -68,7 +68,8 @@ def sample_text(run_dir: str | Path, prompt: str, max_new_tokens: int = 80, temp
     cfg, model, _ = load_run(run_dir)
     tok_file = Path(run_dir) / "tokenizer.json"
     if not tok_file.is_file():
-        raise FileNotFoundError(f"{tok_file}: the run has no tokenizer (written at the start of training)")
+        raise FileNotFoundError(f"{tok_file}: the run has no tokenizer (copied at the start of training from beside "
+                                "the data's manifest or, for data.train_shards, the shards)")
     tok = Tokenizer.from_file(str(tok_file))
     stop = tok.token_to_id("<|endoftext|>")
     ids = generate(model, tok.encode(prompt).ids, max_new_tokens, temperature, top_p, stop, seed)

@@ -201,3 +201,25 @@ def test_bias_update_moves_load_toward_balance(tiny_data, tmp_path):
     print(maxvio)
     assert maxvio[0.0][1] > 0.8 * maxvio[0.0][0], "without the update the skew persists"
     assert maxvio[GAMMAS[1]][1] < 0.5 * maxvio[0.0][1], maxvio
+
+
+def test_shards_made_elsewhere_train_and_sample_with_the_tokenizer_beside_them(tiny_data, tmp_path):
+    """data.train_shards / val_shards on shards without a manifest (a user's own pipeline): the run
+    trains, takes tokenizer.json from beside the shards for its closing sample, and without one
+    skips the sample, saying why (it used to fail after training, exit 1)."""
+    import shutil
+
+    data_dir = Path(next(o for o in tiny_data if o.startswith("data.dir=")).split("=", 1)[1])
+    own = tmp_path / "own"
+    own.mkdir()
+    for shard in [*data_dir.glob("train-*.tar"), *data_dir.glob("val-*.tar")]:
+        shutil.copy(shard, own)
+    shards = [f"data.dir={tmp_path / 'none'}", f"data.train_shards={own}/train-{{000000..000001}}.tar",
+              f"data.val_shards={own}/val-000000.tar", "train.steps=2", "train.sample_tokens=4"]
+    bare = run_cli("train", "configs/smoke.yaml", *tiny_data, *shards, f"train.run_dir={tmp_path / 'bare'}")
+    assert "no sample:" in bare.stdout and "tokenizer.json" in bare.stdout, bare.stdout
+    shutil.copy(data_dir / "tokenizer.json", own)
+    run = tmp_path / "with_tokenizer"
+    done = run_cli("train", "configs/smoke.yaml", *tiny_data, *shards, f"train.run_dir={run}")
+    assert "--- sample" in done.stdout, done.stdout
+    assert (run / "tokenizer.json").read_bytes() == (data_dir / "tokenizer.json").read_bytes()
