@@ -206,7 +206,7 @@ def test_bias_update_moves_load_toward_balance(tiny_data, tmp_path):
 def test_shards_made_elsewhere_train_and_sample_with_the_tokenizer_beside_them(tiny_data, tmp_path):
     """data.train_shards / val_shards on shards without a manifest (a user's own pipeline): the run
     trains, takes tokenizer.json from beside the shards for its closing sample, and without one
-    skips the sample, saying why (it used to fail after training, exit 1)."""
+    skips the sample, saying why (it used to fail after training, exit 2)."""
     import shutil
 
     data_dir = Path(next(o for o in tiny_data if o.startswith("data.dir=")).split("=", 1)[1])
