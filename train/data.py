@@ -4,6 +4,9 @@ prepare-data (`prepare_data`) turns the configured text sources into training sa
 documents -> train/val split (whole documents held out) -> a byte-level BPE tokenizer (or a
 given tokenizer.json) -> one token stream per split with an end-of-document id after every
 document -> samples of seq_len + 1 tokens -> webdataset tar shards + manifest.json in data.dir.
+It streams: documents are read lazily (once for the BPE, once to encode), their ids go to files
+in a scratch folder, and the shards are cut from those a shard at a time, so memory holds a batch
+of documents and a shard (plus the BPE trainer's word counts) whatever the size of the corpus.
 
 Loading (`TokenSamples`) gives indexed random access to the samples of a split. The order in
 which training visits them (`stream_indices`, `BatchStream`) depends only on the seed and the
@@ -28,12 +31,14 @@ import bisect
 import functools
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
+import shutil
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -101,8 +106,7 @@ def _files(root: Path, pattern: str) -> list[Path]:
     return sorted((p for p in root.rglob(pattern) if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
 
 
-def _read_jsonl(path: Path, text_field: str, key: str) -> list[Document]:
-    docs = []
+def _jsonl_documents(path: Path, text_field: str, key: str) -> Iterator[Document]:
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():  # blank lines (a trailing newline) are not documents
@@ -115,39 +119,65 @@ def _read_jsonl(path: Path, text_field: str, key: str) -> list[Document]:
                 raise ConfigError(
                     f"{key}.text_field", text_field, f"{path} line {lineno} has no string field {text_field!r}"
                 )
-            docs.append(Document(f"{path.name}:{lineno}", obj[text_field]))
-    return docs
+            yield Document(f"{path.name}:{lineno}", obj[text_field])
 
 
-def read_source(src: SourceConfig, index: int) -> list[Document]:
-    """The documents of one source, in their deterministic order (sorted paths; jsonl line order)."""
+def _count_jsonl_documents(path: Path) -> int:
+    """The documents _jsonl_documents will yield (its non-blank lines), without parsing them."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        return sum(1 for line in f if line.strip())
+
+
+@dataclass
+class Source:
+    """One configured source: how many documents it holds, and the documents, read lazily in
+    their deterministic order (sorted paths; jsonl line order) each time `documents()` is called."""
+
+    index: int
+    kind: str
+    count: int
+    _documents: Callable[[], Iterator[Document]]
+
+    def documents(self, start: int = 0, stop: int | None = None) -> Iterator[Document]:
+        """Documents start..stop-1 (all by default)."""
+        return itertools.islice(self._documents(), start, stop)
+
+
+def open_source(src: SourceConfig, index: int) -> Source:
     key = f"data.sources[{index}]"
-    if src.kind == "shakespeare":
-        root = shakespeare_dir()
-        docs = [
-            Document(p.relative_to(root).with_suffix("").as_posix(), _read_text(p, f"{key}.path"))
-            for p in _files(root, "*.md")
-        ]
-        where = str(root)
-    elif src.kind == "txt":
-        root = _resolve(src.path, f"{key}.path")
-        if not root.exists():
-            raise FileNotFoundError(f"{key}.path: folder {root} does not exist")
-        if not root.is_dir():
-            raise ConfigError(f"{key}.path", str(root), "kind=txt needs a folder of .txt files")
-        docs = [Document(p.relative_to(root).as_posix(), _read_text(p, f"{key}.path")) for p in _files(root, "*.txt")]
-        where = f"{root} (no *.txt files)"
+    if src.kind in ("shakespeare", "txt"):
+        if src.kind == "shakespeare":
+            root, pattern = shakespeare_dir(), "*.md"
+            where = str(root)
+        else:
+            root, pattern = _resolve(src.path, f"{key}.path"), "*.txt"
+            if not root.exists():
+                raise FileNotFoundError(f"{key}.path: folder {root} does not exist")
+            if not root.is_dir():
+                raise ConfigError(f"{key}.path", str(root), "kind=txt needs a folder of .txt files")
+            where = f"{root} (no *.txt files)"
+        files = _files(root, pattern)
+        # the plays are named without their .md; a txt document by its path under the folder
+        names = [p.relative_to(root).with_suffix("").as_posix() if src.kind == "shakespeare"
+                 else p.relative_to(root).as_posix() for p in files]
+        count = len(files)
+
+        def documents() -> Iterator[Document]:
+            for name, p in zip(names, files):
+                yield Document(name, _read_text(p, f"{key}.path"))
     elif src.kind == "jsonl":
         path = _resolve(src.path, f"{key}.path")
         if not path.is_file():
             raise FileNotFoundError(f"{key}.path: file {path} does not exist")
-        docs = _read_jsonl(path, src.text_field, key)
-        where = f"{path} (no lines)"
+        count, where = _count_jsonl_documents(path), f"{path} (no lines)"
+
+        def documents() -> Iterator[Document]:
+            return _jsonl_documents(path, src.text_field, key)
     else:
         raise ConfigError(f"{key}.kind", src.kind, "one of shakespeare, txt, jsonl")
-    if not docs:
+    if not count:
         raise ConfigError(f"{key}.path", where, "the source holds no documents")
-    return docs
+    return Source(index, src.kind, count, documents)
 
 
 def _resolve(path: str | None, key: str) -> Path:
@@ -156,7 +186,7 @@ def _resolve(path: str | None, key: str) -> Path:
     return Path(path).expanduser().resolve()  # relative paths resolve against the working directory
 
 
-def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """A byte-level BPE of at most vocab_size tokens (the corpus may support fewer), with
     EOD_TOKEN as its only special token."""
     tok = Tokenizer(models.BPE())
@@ -169,7 +199,7 @@ def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
 
@@ -184,25 +214,36 @@ def find_eod_id(tok: Tokenizer, where: str) -> tuple[str, int]:
 _ENCODE_CHARS = 2**18  # characters of text per tokenizers.encode_batch call (see _encode_documents)
 
 
-def _encode_documents(tok: Tokenizer, docs: list[Document], eod_id: int, dtype: np.dtype) -> np.ndarray:
-    """One stream of `dtype`: each document's ids followed by eod_id.
+def _document_batches(docs: Iterable[Document]) -> Iterator[list[Document]]:
+    """Consecutive documents in lists of about _ENCODE_CHARS characters (at least one document each)."""
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc.text)
+        if chars >= _ENCODE_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
-    Encoded ~_ENCODE_CHARS of text at a time, each batch's ids kept at `dtype`: a tokenizers
-    Encoding also holds the token strings, offsets and masks, ~150 bytes per token, so encoding a
-    200 MB corpus in one call peaked at 9.4 GB."""
+
+def _encode_documents(tok: Tokenizer, docs: Iterable[Document], eod_id: int, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """Each document's ids followed by eod_id: one stream of `dtype`, in consecutive chunks.
+
+    A chunk per ~_ENCODE_CHARS of text, its ids kept at `dtype`: a tokenizers Encoding also holds
+    the token strings, offsets and masks, ~150 bytes per token, so encoding a 200 MB corpus in one
+    call peaked at 9.4 GB."""
     eod = np.array([eod_id], dtype=dtype)
-    parts = []
-    start = 0
-    while start < len(docs):
-        stop, chars = start, 0
-        while stop < len(docs) and (stop == start or chars < _ENCODE_CHARS):
-            chars += len(docs[stop].text)
-            stop += 1
-        for enc in tok.encode_batch([d.text for d in docs[start:stop]]):
-            parts.append(np.asarray(enc.ids, dtype=dtype))
-            parts.append(eod)
-        start = stop
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    for batch in _document_batches(docs):
+        ids = []
+        for enc in tok.encode_batch([d.text for d in batch]):
+            ids += [np.asarray(enc.ids, dtype=dtype), eod]
+        yield np.concatenate(ids)
+
+
+def _mixed_lengths(lengths: list[int], weights: list[float]) -> list[int]:
+    total, wsum = sum(lengths), sum(weights)
+    return [round(total * w / wsum) for w in weights]
 
 
 def mix_streams(streams: list[np.ndarray], weights: list[float], eod_id: int) -> list[np.ndarray]:
@@ -213,12 +254,12 @@ def mix_streams(streams: list[np.ndarray], weights: list[float], eod_id: int) ->
     prefix of it (just a prefix when the target is below T_i). A resized stream that does not end
     on a document boundary gets eod_id as its last token, so no document runs into the next
     source's. With one source, or weights proportional to the stream lengths, nothing changes.
+
+    This in-memory statement of the rule is the reference for `TokenStream`, which prepare-data
+    reads shard by shard from the streams on disk.
     """
-    total = sum(len(s) for s in streams)
-    wsum = sum(weights)
     out = []
-    for stream, w in zip(streams, weights):
-        target = round(total * w / wsum)
+    for stream, target in zip(streams, _mixed_lengths([len(s) for s in streams], weights)):
         if target == len(stream):
             out.append(stream)
             continue
@@ -235,30 +276,71 @@ def pack_samples(stream: np.ndarray, seq_len: int) -> np.ndarray:
     Consecutive samples share one boundary token (the last target of one sample is the first input
     of the next), so no target is lost; the ragged tail is dropped. Returns a view (n, seq_len + 1).
     """
-    n = (len(stream) - 1) // seq_len if len(stream) > seq_len else 0
+    n = _sample_count(len(stream), seq_len)
     if n == 0:
         return np.zeros((0, seq_len + 1), dtype=stream.dtype)
     windows = np.lib.stride_tricks.sliding_window_view(stream, seq_len + 1)  # (len - seq_len, seq_len + 1)
     return windows[::seq_len][:n]
 
 
+def _sample_count(tokens: int, seq_len: int) -> int:
+    return (tokens - 1) // seq_len if tokens > seq_len else 0
+
+
+class TokenStream:
+    """Per-source token streams laid end to end, each resized to a length of its own by
+    mix_streams' rule (repeated whole, then a prefix, its last token then eod_id), and read by
+    range: `concatenated(mix_streams(...))[a:b]` without building it."""
+
+    def __init__(self, streams: list[np.ndarray], lengths: list[int] | None = None, eod_id: int = 0):
+        self.streams = streams
+        self.lengths = [len(x) for x in streams] if lengths is None else lengths
+        self.eod_id = eod_id
+        self.starts = np.cumsum([0, *self.lengths]).tolist()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        parts = []
+        for stream, length, start in zip(self.streams, self.lengths, self.starts):
+            lo, hi = max(a, start) - start, min(b, start + length) - start  # this stream's share, local
+            if lo >= hi:
+                continue
+            part = stream[np.arange(lo, hi) % len(stream)]  # the whole stream repeats
+            if length != len(stream) and hi == length:
+                part[-1] = self.eod_id  # a resized stream ends on a document boundary
+            parts.append(part)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=self.streams[0].dtype)
+
+
+def _noting_names(docs: Iterable[Document], names: list[str]) -> Iterator[Document]:
+    for doc in docs:
+        names.append(doc.name)
+        yield doc
+
+
 def _storage_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.int32)
 
 
-def _write_shards(out_dir: Path, split: str, samples: np.ndarray, per_shard: int, dtype: np.dtype) -> list[dict]:
-    """`{split}-000000.tar`, ... with at most per_shard samples each; key = global sample index.
+def _write_shards(out_dir: Path, split: str, stream: TokenStream, seq_len: int, per_shard: int,
+                  dtype: np.dtype) -> list[dict]:
+    """The stream's samples (pack_samples) as `{split}-000000.tar`, ... with at most per_shard
+    samples each; key = global sample index. Read from the stream a shard at a time.
 
     Each shard is written under a .tmp name and renamed when complete, so a shard file with its
     final name is never partial."""
     shards = []
-    for shard_index, start in enumerate(range(0, len(samples), per_shard)):
-        stop = min(start + per_shard, len(samples))
+    n = _sample_count(len(stream), seq_len)
+    for shard_index, start in enumerate(range(0, n, per_shard)):
+        stop = min(start + per_shard, n)
+        samples = pack_samples(stream.read(start * seq_len, stop * seq_len + 1), seq_len)  # stop - start
         name = f"{split}-{shard_index:06d}.tar"
         tmp = out_dir / (name + ".tmp")
         with open(tmp, "wb") as f, wds.TarWriter(f, mtime=_SHARD_MTIME) as writer:
             for i in range(start, stop):
-                writer.write({"__key__": f"{i:09d}", SAMPLE_FIELD: samples[i].astype(dtype)})
+                writer.write({"__key__": f"{i:09d}", SAMPLE_FIELD: samples[i - start].astype(dtype)})
         os.replace(tmp, out_dir / name)
         # bytes: lets loading spot a truncated or extended shard from its size alone
         shards.append({"url": name, "nsamples": stop - start, "bytes": (out_dir / name).stat().st_size})
@@ -361,19 +443,19 @@ def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> dict:
         return existing
 
     t0 = time.perf_counter()
-    # 1. documents, split per source: the last val_documents (in sorted order) are held out whole
-    per_source: list[tuple[list[Document], list[Document]]] = []
-    for i, src in enumerate(d.sources):
-        docs = read_source(src, i)
-        if len(docs) <= d.val_documents:
+    # 1. sources, each split by position: its last val_documents documents are held out whole
+    sources = [open_source(src, i) for i, src in enumerate(d.sources)]
+    cuts = []
+    for src in sources:
+        if src.count <= d.val_documents:
+            conf = d.sources[src.index]
             raise ConfigError(
                 "data.val_documents", d.val_documents,
-                f"data.sources[{i}] ({src.kind} {src.path or ''}) has only {len(docs)} documents; "
+                f"data.sources[{src.index}] ({conf.kind} {conf.path or ''}) has only {src.count} documents; "
                 "some must remain for training",
             )
-        cut = len(docs) - d.val_documents
-        per_source.append((docs[:cut], docs[cut:]))
-        log(f"prepare-data: source {i} ({src.kind}): {cut} train / {d.val_documents} val documents")
+        cuts.append(src.count - d.val_documents)
+        log(f"prepare-data: source {src.index} ({src.kind}): {cuts[-1]} train / {d.val_documents} val documents")
 
     # 2. tokenizer: given, or trained on the train documents only (val stays unseen)
     if given_bytes is not None:
@@ -382,7 +464,8 @@ def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> dict:
         log(f"prepare-data: using tokenizer {tok_path}")
     else:
         t = time.perf_counter()
-        tok = train_bpe([doc.text for train, _ in per_source for doc in train], cfg.model.vocab_size)
+        texts = (doc.text for src, cut in zip(sources, cuts) for doc in src.documents(0, cut))
+        tok = train_bpe(texts, cfg.model.vocab_size)
         tok_bytes, where = tok.to_str().encode("utf-8"), "trained BPE"
         log(f"prepare-data: trained a byte-level BPE of {tok.get_vocab_size()} tokens in {time.perf_counter() - t:.1f}s")
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -393,38 +476,57 @@ def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> dict:
     eod_name, eod_id = find_eod_id(tok, where)
     dtype = _storage_dtype(vocab_size)
 
-    # 3. token streams: train mixed by weight, val as it is
-    train_streams = [_encode_documents(tok, train, eod_id, dtype) for train, _ in per_source]
-    val_streams = [_encode_documents(tok, val, eod_id, dtype) for _, val in per_source]
-    mixed = mix_streams(train_streams, [s.weight for s in d.sources], eod_id)
-    train_stream = np.concatenate(mixed)
-    val_stream = np.concatenate(val_streams)
-    train_samples = pack_samples(train_stream, d.seq_len)  # (n_train, seq_len + 1)
-    val_samples = pack_samples(val_stream, d.seq_len)  # (n_val, seq_len + 1)
-    if len(train_samples) == 0:
-        raise ConfigError("data.seq_len", d.seq_len, f"longer than the {len(train_stream)}-token train stream")
-    if d.val_documents and len(val_samples) == 0:
-        raise ConfigError(
-            "data.seq_len", d.seq_len,
-            f"longer than the {len(val_stream)}-token validation stream; raise data.val_documents or lower data.seq_len",
-        )
-
-    # 4. write: old outputs go (manifest first), shards and tokenizer next, the manifest last
+    # 3. token streams, one file per source and split in a scratch folder (so memory stays at a
+    # batch of documents and a shard, whatever the corpus): train mixed by weight, val as it is
     out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_outputs(out_dir)
-    _write_atomic(out_dir / TOKENIZER, tok_bytes)
-    splits = {}
-    for split, samples in (("train", train_samples), ("val", val_samples)):
-        shards = _write_shards(out_dir, split, samples, d.samples_per_shard, dtype)
-        splits[split] = {"shards": shards, "samples": len(samples), "tokens": len(samples) * d.seq_len}
+    scratch = out_dir / ".prepare-data.tmp"
+    shutil.rmtree(scratch, ignore_errors=True)  # left by an interrupted run
+    scratch.mkdir()
+    try:
+        streams: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+        held_out: list[list[str]] = []
+        for src, cut in zip(sources, cuts):
+            names: list[str] = []
+            for split, docs in (("train", src.documents(0, cut)), ("val", _noting_names(src.documents(cut), names))):
+                path, n = scratch / f"{split}-{src.index}.bin", 0
+                with open(path, "wb") as f:
+                    for chunk in _encode_documents(tok, docs, eod_id, dtype):
+                        chunk.tofile(f)
+                        n += len(chunk)
+                streams[split].append(np.memmap(path, dtype=dtype, mode="r") if n else np.zeros(0, dtype=dtype))
+            held_out.append(names)
+        lengths = {split: [len(x) for x in xs] for split, xs in streams.items()}
+        mixed = _mixed_lengths(lengths["train"], [s.weight for s in d.sources])
+        splits_in = {"train": TokenStream(streams["train"], mixed, eod_id), "val": TokenStream(streams["val"])}
+        train_tokens, val_tokens = len(splits_in["train"]), len(splits_in["val"])
+        if _sample_count(train_tokens, d.seq_len) == 0:
+            raise ConfigError("data.seq_len", d.seq_len, f"longer than the {train_tokens}-token train stream")
+        if d.val_documents and _sample_count(val_tokens, d.seq_len) == 0:
+            raise ConfigError(
+                "data.seq_len", d.seq_len,
+                f"longer than the {val_tokens}-token validation stream; raise data.val_documents or lower "
+                "data.seq_len",
+            )
 
-    sources = []
-    for spec_src, (train, val), raw, mix, vs in zip(spec["sources"], per_source, train_streams, mixed, val_streams):
+        # 4. write: old outputs go (manifest first), shards and tokenizer next, the manifest last
+        _remove_outputs(out_dir)
+        _write_atomic(out_dir / TOKENIZER, tok_bytes)
+        splits = {}
+        for split in ("train", "val"):
+            shards = _write_shards(out_dir, split, splits_in[split], d.seq_len, d.samples_per_shard, dtype)
+            samples = sum(sh["nsamples"] for sh in shards)
+            splits[split] = {"shards": shards, "samples": samples, "tokens": samples * d.seq_len}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    sources_out = []
+    for spec_src, cut, names, raw, mix, vs in zip(spec["sources"], cuts, held_out, lengths["train"], mixed,
+                                                   lengths["val"]):
         plays_dir = str(shakespeare_dir()) if spec_src["kind"] == "shakespeare" else spec_src["path"]
-        sources.append({
+        sources_out.append({
             "kind": spec_src["kind"], "path": plays_dir, "weight": spec_src["weight"],
-            "documents": len(train), "tokens": len(raw), "mixed_tokens": len(mix),
-            "val_documents": len(val), "val_tokens": len(vs), "held_out": [doc.name for doc in val],
+            "documents": cut, "tokens": raw, "mixed_tokens": mix,
+            "val_documents": len(names), "val_tokens": vs, "held_out": names,
         })
     manifest = {
         "format": FORMAT_VERSION,
@@ -440,8 +542,8 @@ def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> dict:
         # tokens = samples * seq_len, the targets one epoch trains on
         "train": splits["train"],
         "val": splits["val"],
-        "sources": sources,
-        "held_out": [name for s in sources for name in s["held_out"]],
+        "sources": sources_out,
+        "held_out": [name for s in sources_out for name in s["held_out"]],
         "build": spec,
     }
     _write_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())

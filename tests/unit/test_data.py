@@ -216,6 +216,35 @@ def test_jsonl_two_sources_mixed_by_weight(tmp_path):
     assert sa["mixed_tokens"] / mixed == pytest.approx(0.25, abs=1e-3)
     assert sb["mixed_tokens"] / mixed == pytest.approx(0.75, abs=1e-3)
     assert m["train"]["samples"] == (mixed - 1) // SEQ
+    # the shards hold the in-memory rule's stream: each source's documents encoded, mixed, concatenated
+    tok = Tokenizer.from_file(str(tmp_path / "data" / "tokenizer.json"))
+    eod = m["eod_id"]
+    per_source = [[json.loads(line)[field] for line in f.read_text().splitlines() if line.strip()][:n]
+                  for f, field, n in ((a, "text", 8), (b, "body", 3))]
+    want = np.concatenate(mix_streams([_expected_stream(tok, texts, eod) for texts in per_source], [1.0, 3.0], eod))
+    with TokenSamples(cfg, "train") as samples:
+        got = _stream_of(samples)
+    assert np.array_equal(got, want[: len(got)]) and len(want) - len(got) < SEQ + 1
+
+
+def test_token_stream_reads_ranges_of_the_mixed_concatenation():
+    """prepare-data reads the mixed train stream a shard at a time from the per-source streams
+    (TokenStream); any range of it equals the same range of mix_streams' streams concatenated."""
+    rng = np.random.default_rng(0)
+    eod = 0
+    for _ in range(200):
+        streams = [rng.integers(1, 9, size=int(rng.integers(1, 30))).astype(np.uint16)
+                   for _ in range(int(rng.integers(1, 4)))]
+        weights = rng.uniform(0.05, 3.0, size=len(streams)).tolist()
+        want = np.concatenate(mix_streams([x.copy() for x in streams], weights, eod))
+        stream = data.TokenStream(streams, data._mixed_lengths([len(x) for x in streams], weights), eod)
+        assert len(stream) == len(want)
+        for _ in range(5):
+            lo = int(rng.integers(0, len(want) + 1))
+            hi = int(rng.integers(lo, len(want) + 1))
+            assert np.array_equal(stream.read(lo, hi), want[lo:hi]), (lo, hi)
+        assert np.array_equal(stream.read(0, len(want)), want)
+        assert np.array_equal(data.TokenStream(streams).read(0, sum(map(len, streams))), np.concatenate(streams))
 
 
 def test_mix_and_pack_rules():
@@ -245,10 +274,10 @@ def test_documents_encoded_in_batches_give_the_one_by_one_stream(prepared):
         chars += len(docs[-1].text)
     docs.insert(len(docs) // 2, data.Document("long", _text(rng, "LONG", data._ENCODE_CHARS // 3)))
     eod = tok.token_to_id(EOD_TOKEN)
-    stream = data._encode_documents(tok, docs, eod, np.dtype(np.uint16))
-    assert stream.dtype == np.uint16
-    assert stream.tolist() == _expected_stream(tok, [d.text for d in docs], eod).tolist()
-    assert data._encode_documents(tok, [], eod, np.dtype(np.int32)).dtype == np.int32
+    chunks = list(data._encode_documents(tok, docs, eod, np.dtype(np.uint16)))
+    assert len(chunks) >= 3 and all(c.dtype == np.uint16 for c in chunks)
+    assert np.concatenate(chunks).tolist() == _expected_stream(tok, [d.text for d in docs], eod).tolist()
+    assert list(data._encode_documents(tok, [], eod, np.dtype(np.int32))) == []
 
 
 def test_existing_tokenizer(prepared, tmp_path):
