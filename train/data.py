@@ -4,9 +4,10 @@ prepare-data (`prepare_data`) turns the configured text sources into training sa
 documents -> train/val split (whole documents held out) -> a byte-level BPE tokenizer (or a
 given tokenizer.json) -> one token stream per split with an end-of-document id after every
 document -> samples of seq_len + 1 tokens -> webdataset tar shards + manifest.json in data.dir.
-It streams: documents are read lazily (once for the BPE, once to encode), their ids go to files
-in a scratch folder, and the shards are cut from those a shard at a time, so memory holds a batch
-of documents and a shard (plus the BPE trainer's word counts) whatever the size of the corpus.
+It streams: documents are read lazily (to count and check them, for the BPE, to encode), their
+ids go to files in a scratch folder, and the shards are cut from those a shard at a time, so
+memory holds a batch of documents and a shard (plus the BPE trainer's word counts) whatever the
+size of the corpus.
 
 Loading (`TokenSamples`) gives indexed random access to the samples of a split. The order in
 which training visits them (`stream_indices`, `BatchStream`) depends only on the seed and the
@@ -122,12 +123,6 @@ def _jsonl_documents(path: Path, text_field: str, key: str) -> Iterator[Document
             yield Document(f"{path.name}:{lineno}", obj[text_field])
 
 
-def _count_jsonl_documents(path: Path) -> int:
-    """The documents _jsonl_documents will yield (its non-blank lines), without parsing them."""
-    with path.open(encoding="utf-8", errors="replace") as f:
-        return sum(1 for line in f if line.strip())
-
-
 @dataclass
 class Source:
     """One configured source: how many documents it holds, and the documents, read lazily in
@@ -160,7 +155,6 @@ def open_source(src: SourceConfig, index: int) -> Source:
         # the plays are named without their .md; a txt document by its path under the folder
         names = [p.relative_to(root).with_suffix("").as_posix() if src.kind == "shakespeare"
                  else p.relative_to(root).as_posix() for p in files]
-        count = len(files)
 
         def documents() -> Iterator[Document]:
             for name, p in zip(names, files):
@@ -169,12 +163,15 @@ def open_source(src: SourceConfig, index: int) -> Source:
         path = _resolve(src.path, f"{key}.path")
         if not path.is_file():
             raise FileNotFoundError(f"{key}.path: file {path} does not exist")
-        count, where = _count_jsonl_documents(path), f"{path} (no lines)"
+        where = f"{path} (no lines)"
 
         def documents() -> Iterator[Document]:
             return _jsonl_documents(path, src.text_field, key)
     else:
         raise ConfigError(f"{key}.kind", src.kind, "one of shakespeare, txt, jsonl")
+    # a first pass counts the documents, and finds an undecodable file or a bad JSON line before
+    # any work is done
+    count = sum(1 for _ in documents())
     if not count:
         raise ConfigError(f"{key}.path", where, "the source holds no documents")
     return Source(index, src.kind, count, documents)
