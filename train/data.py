@@ -284,12 +284,28 @@ def _sample_count(tokens: int, seq_len: int) -> int:
     return (tokens - 1) // seq_len if tokens > seq_len else 0
 
 
-class TokenStream:
-    """Per-source token streams laid end to end, each resized to a length of its own by
-    mix_streams' rule (repeated whole, then a prefix, its last token then eod_id), and read by
-    range: `concatenated(mix_streams(...))[a:b]` without building it."""
+class TokenFile:
+    """A file of raw token ids, sliced like an array (`f[a:b]`) by reading just that range: unlike
+    a memory map, what has been read does not stay in the process's resident memory."""
 
-    def __init__(self, streams: list[np.ndarray], lengths: list[int] | None = None, eod_id: int = 0):
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self.n = path.stat().st_size // self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        a, b, _ = s.indices(self.n)
+        return np.fromfile(self.path, dtype=self.dtype, count=max(b - a, 0), offset=a * self.dtype.itemsize)
+
+
+class TokenStream:
+    """Per-source token streams (arrays or TokenFiles) laid end to end, each resized to a length
+    of its own by mix_streams' rule (repeated whole, then a prefix, its last token then eod_id),
+    and read by range: `concatenated(mix_streams(...))[a:b]` without building it."""
+
+    def __init__(self, streams: list, lengths: list[int] | None = None, eod_id: int = 0):
         self.streams = streams
         self.lengths = [len(x) for x in streams] if lengths is None else lengths
         self.eod_id = eod_id
@@ -302,12 +318,14 @@ class TokenStream:
         parts = []
         for stream, length, start in zip(self.streams, self.lengths, self.starts):
             lo, hi = max(a, start) - start, min(b, start + length) - start  # this stream's share, local
-            if lo >= hi:
-                continue
-            part = stream[np.arange(lo, hi) % len(stream)]  # the whole stream repeats
-            if length != len(stream) and hi == length:
-                part[-1] = self.eod_id  # a resized stream ends on a document boundary
-            parts.append(part)
+            q, n = lo, len(stream)
+            while q < hi:  # the whole stream repeats: read up to each wrap
+                r = q % n
+                take = min(hi - q, n - r)
+                parts.append(np.array(stream[r:r + take]))  # a copy: the last token may change
+                q += take
+            if lo < hi and length != n and hi == length:
+                parts[-1][-1] = self.eod_id  # a resized stream ends on a document boundary
         return np.concatenate(parts) if parts else np.zeros(0, dtype=self.streams[0].dtype)
 
 
@@ -480,17 +498,16 @@ def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> dict:
     shutil.rmtree(scratch, ignore_errors=True)  # left by an interrupted run
     scratch.mkdir()
     try:
-        streams: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+        streams: dict[str, list[TokenFile]] = {"train": [], "val": []}
         held_out: list[list[str]] = []
         for src, cut in zip(sources, cuts):
             names: list[str] = []
             for split, docs in (("train", src.documents(0, cut)), ("val", _noting_names(src.documents(cut), names))):
-                path, n = scratch / f"{split}-{src.index}.bin", 0
+                path = scratch / f"{split}-{src.index}.bin"
                 with open(path, "wb") as f:
                     for chunk in _encode_documents(tok, docs, eod_id, dtype):
                         chunk.tofile(f)
-                        n += len(chunk)
-                streams[split].append(np.memmap(path, dtype=dtype, mode="r") if n else np.zeros(0, dtype=dtype))
+                streams[split].append(TokenFile(path, dtype))
             held_out.append(names)
         lengths = {split: [len(x) for x in xs] for split, xs in streams.items()}
         mixed = _mixed_lengths(lengths["train"], [s.weight for s in d.sources])

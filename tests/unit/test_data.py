@@ -227,17 +227,23 @@ def test_jsonl_two_sources_mixed_by_weight(tmp_path):
     assert np.array_equal(got, want[: len(got)]) and len(want) - len(got) < SEQ + 1
 
 
-def test_token_stream_reads_ranges_of_the_mixed_concatenation():
+def test_token_stream_reads_ranges_of_the_mixed_concatenation(tmp_path):
     """prepare-data reads the mixed train stream a shard at a time from the per-source streams
-    (TokenStream); any range of it equals the same range of mix_streams' streams concatenated."""
+    (TokenStream over TokenFiles); any range of it equals the same range of mix_streams' streams
+    concatenated."""
     rng = np.random.default_rng(0)
     eod = 0
-    for _ in range(200):
+    for trial in range(200):
         streams = [rng.integers(1, 9, size=int(rng.integers(1, 30))).astype(np.uint16)
                    for _ in range(int(rng.integers(1, 4)))]
         weights = rng.uniform(0.05, 3.0, size=len(streams)).tolist()
         want = np.concatenate(mix_streams([x.copy() for x in streams], weights, eod))
-        stream = data.TokenStream(streams, data._mixed_lengths([len(x) for x in streams], weights), eod)
+        files = []
+        for k, x in enumerate(streams):
+            x.tofile(tmp_path / f"{trial}-{k}.bin")
+            files.append(data.TokenFile(tmp_path / f"{trial}-{k}.bin", np.uint16))
+        lengths = data._mixed_lengths([len(x) for x in streams], weights)
+        stream = data.TokenStream(files if trial % 2 else streams, lengths, eod)
         assert len(stream) == len(want)
         for _ in range(5):
             lo = int(rng.integers(0, len(want) + 1))
