@@ -139,6 +139,8 @@ class Source:
 
 
 def open_source(src: SourceConfig, index: int) -> Source:
+    """data.sources[index] as a Source: its path checked, its documents counted (and so each
+    file decoded and each JSON line parsed once: a bad one fails here, naming file and line)."""
     key = f"data.sources[{index}]"
     if src.kind in ("shakespeare", "txt"):
         if src.kind == "shakespeare":
