@@ -32,7 +32,6 @@ import bisect
 import functools
 import hashlib
 import importlib.util
-import itertools
 import json
 import os
 import shutil
@@ -107,11 +106,20 @@ def _files(root: Path, pattern: str) -> list[Path]:
     return sorted((p for p in root.rglob(pattern) if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
 
 
-def _jsonl_documents(path: Path, text_field: str, key: str) -> Iterator[Document]:
+def _jsonl_documents(path: Path, text_field: str, key: str, start: int = 0,
+                     stop: int | None = None) -> Iterator[Document]:
+    """Documents start..stop-1 of a JSONL file, one per non-blank line; the lines before start are
+    skipped unparsed."""
     with path.open(encoding="utf-8") as f:
+        index = -1
         for lineno, line in enumerate(f, 1):
             if not line.strip():  # blank lines (a trailing newline) are not documents
                 continue
+            index += 1
+            if index < start:
+                continue
+            if stop is not None and index >= stop:
+                return
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
@@ -131,11 +139,11 @@ class Source:
     index: int
     kind: str
     count: int
-    _documents: Callable[[], Iterator[Document]]
+    _documents: Callable[[int, int | None], Iterator[Document]]
 
     def documents(self, start: int = 0, stop: int | None = None) -> Iterator[Document]:
-        """Documents start..stop-1 (all by default)."""
-        return itertools.islice(self._documents(), start, stop)
+        """Documents start..stop-1 (all by default), reading none of those before start."""
+        return self._documents(start, stop)
 
 
 def open_source(src: SourceConfig, index: int) -> Source:
@@ -158,8 +166,8 @@ def open_source(src: SourceConfig, index: int) -> Source:
         names = [p.relative_to(root).with_suffix("").as_posix() if src.kind == "shakespeare"
                  else p.relative_to(root).as_posix() for p in files]
 
-        def documents() -> Iterator[Document]:
-            for name, p in zip(names, files):
+        def documents(start: int = 0, stop: int | None = None) -> Iterator[Document]:
+            for name, p in zip(names[start:stop], files[start:stop]):
                 yield Document(name, _read_text(p, f"{key}.path"))
     elif src.kind == "jsonl":
         path = _resolve(src.path, f"{key}.path")
@@ -167,8 +175,8 @@ def open_source(src: SourceConfig, index: int) -> Source:
             raise FileNotFoundError(f"{key}.path: file {path} does not exist")
         where = f"{path} (no lines)"
 
-        def documents() -> Iterator[Document]:
-            return _jsonl_documents(path, src.text_field, key)
+        def documents(start: int = 0, stop: int | None = None) -> Iterator[Document]:
+            return _jsonl_documents(path, src.text_field, key, start, stop)
     else:
         raise ConfigError(f"{key}.kind", src.kind, "one of shakespeare, txt, jsonl")
     # a first pass counts the documents, and finds an undecodable file or a bad JSON line before

@@ -227,6 +227,30 @@ def test_jsonl_two_sources_mixed_by_weight(tmp_path):
     assert np.array_equal(got, want[: len(got)]) and len(want) - len(got) < SEQ + 1
 
 
+def test_a_source_reads_only_the_documents_asked_for(tmp_path):
+    """prepare-data reads a source's train and val documents in separate passes; the val pass
+    skips the train documents without reading (txt) or parsing (jsonl) them."""
+    _txt_corpus(tmp_path / "docs", n=5)
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" + ("\n" if i == 1 else "") for i in range(5)))
+    txt_src = data.open_source(SourceConfig(kind="txt", path=str(tmp_path / "docs")), 0)
+    jsonl_src = data.open_source(SourceConfig(kind="jsonl", path=str(jsonl)), 0)
+    for src in (txt_src, jsonl_src):
+        everything = [(d.name, d.text) for d in src.documents()]
+        assert src.count == len(everything) == 5
+        for start, stop in ((0, 3), (3, None), (2, 4), (5, None)):
+            assert [(d.name, d.text) for d in src.documents(start, stop)] == everything[start:stop]
+    # the first document made unreadable: skipping it still works, reading it does not
+    (tmp_path / "docs" / "d0.txt").unlink()
+    assert [d.name for d in txt_src.documents(1)] == ["d1.txt", "d2.txt", "d3.txt", "zz/d4.txt"]
+    with pytest.raises(FileNotFoundError):
+        list(txt_src.documents(0))
+    jsonl.write_text("{not json\n" + "".join(jsonl.read_text().splitlines(keepends=True)[1:]))
+    assert [d.text for d in jsonl_src.documents(1)] == ["doc 1", "doc 2", "doc 3", "doc 4"]
+    with pytest.raises(ConfigError, match="line 1 is not valid JSON"):
+        list(jsonl_src.documents(0))
+
+
 def test_token_stream_reads_ranges_of_the_mixed_concatenation(tmp_path):
     """prepare-data reads the mixed train stream a shard at a time from the per-source streams
     (TokenStream over TokenFiles); any range of it equals the same range of mix_streams' streams
