@@ -509,7 +509,7 @@ class TensorReader:
         self.bytes_read = 0  # tensor bytes read from the files so far
         listed = _listed_tensors(ckpt, prefix)
         names = sorted(listed) if listed is not None else sorted(f.name for f in ckpt.glob(f"{prefix}-*.safetensors"))
-        dense_files = [n for n in names if n.startswith(f"{prefix}-dense") and _DENSE_FILE.search(n)]
+        dense_files = {n for n in names if n.startswith(f"{prefix}-dense") and _DENSE_FILE.search(n)}
         if not dense_files:
             raise FileNotFoundError(f"{ckpt}: no {prefix}-dense-part*.safetensors "
                                     "(not a dsv3 checkpoint, or an incomplete one)")

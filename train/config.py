@@ -298,16 +298,16 @@ def _precheck(tree, source: str) -> None:
         if section is not None and not isinstance(section, dict):
             raise ConfigError(f.name, section, "a section of key: value pairs")
         if section:
-            _check_yaml_booleans(f.name, section)
+            _check_yaml_booleans(f.name, f.default_factory, section)
     if isinstance(tree.get("data"), dict):
         _check_sources(tree["data"].get("sources"), source)
 
 
-def _check_yaml_booleans(name: str, section: dict) -> None:
+def _check_yaml_booleans(name: str, cls: type, section: dict) -> None:
     """YAML reads an unquoted off/no/false/on/yes/true as a boolean, which OmegaConf would store in
     a text field as the word 'False' or 'True'. Say so, naming the key, instead of failing later
-    on that word; `logging.wandb: off` (or false, no) is taken to mean disabled."""
-    cls = next(f for f in dataclasses.fields(Config) if f.name == name).default_factory
+    on that word; `logging.wandb: off` (or false, no) is taken to mean disabled. `cls`: the
+    section's dataclass."""
     types = typing.get_type_hints(cls)
     for key, value in section.items():
         if not isinstance(value, bool) or key not in types:
