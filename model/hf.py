@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -35,6 +36,30 @@ from .transformer import DeepSeekV3, block_of, init_weights
 log = logging.getLogger(__name__)
 
 FP8_BLOCK = 128
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only be read
+    by setting it, which another thread creating a file at that moment would see)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, leaving the file with the permissions any new file gets (0o666 less
+    the umask, as config.json has). safetensors 0.8 writes through a temporary file created 0o600
+    and renames it into place, which would make checkpoints and exports readable by their owner
+    only: a teammate's evaluation job or an inference server running as another user could not
+    open them."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
 
 # ModelConfig fields whose HF config.json key is the same name.
 _SAME_NAME = [
@@ -328,7 +353,7 @@ def write_hf(source, cfg: ModelConfig, path: str | Path, max_shard_bytes: int = 
     def flush() -> None:
         # numbered as they fill; renamed to the -of-N names once N is known
         name = f"model-{len(written) + 1:05d}.safetensors.partial"
-        save_file(current, str(path / name), metadata=meta)
+        save_safetensors(current, path / name, metadata=meta)
         written.append((name, list(current)))
 
     for name, t in hf_tensors(source, cfg):

@@ -49,9 +49,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from model import ConfigError, ModelConfig, block_of, is_stacked_expert_weight
+from model.hf import save_safetensors
 
 META = "dsv3_meta.json"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -444,8 +444,8 @@ def save(engine, layout, run_dir: Path, step: int, client_state: dict, model_cfg
                 (dense, dense_opt, _dense_files(rank, n_dense)),
                 (experts, experts_opt, _expert_files_for(layout.ep, layout.ep_rank, rank // layout.ep, n_expert))):
             if tensors_opt:  # this rank writes a part of this kind (every part has a parameter)
-                save_file(tensors, str(partial / files[0]))
-                save_file(tensors_opt, str(partial / files[1]))
+                save_safetensors(tensors, partial / files[0])
+                save_safetensors(tensors_opt, partial / files[1])
                 written += files
         if rank == 0:
             torch.save({**client_state, "optimizer_step": _optimizer_step_count(engine)}, partial / "state.pt")
@@ -782,7 +782,7 @@ def save_weights_only(tensors, run_dir: Path, model_cfg: ModelConfig) -> Path:
         if experts:
             parts.append((experts, _expert_files_for(1, 0, with_experts.index(group), len(with_experts))[0]))
         for keys, name in parts:
-            save_file({k: tensors[k].contiguous().float() for k in keys}, str(ckpt / name))
+            save_safetensors({k: tensors[k].contiguous().float() for k in keys}, ckpt / name)
             files.append(name)
     manifest = _manifest_entries(ckpt, files)
     _write_meta(ckpt, {"step": 0, "model": model_cfg.to_dict(), "weights_only": True}, manifest)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import stat
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,18 @@ def test_export_hf_matches_transformers(straight_run, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), ref(tokens).logits, atol=1e-5, rtol=0)
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_checkpoint_and_export_files_are_readable_like_their_json(straight_run, tmp_path):
+    # the weights must reach whoever may read config.json and dsv3_meta.json (a teammate's
+    # evaluation, an inference server running as another user), not only their owner
+    run_cli("export-hf", str(straight_run), str(tmp_path / "hf"))
+    ckpt = sorted((straight_run / "checkpoints").glob("step_*"))[-1]
+    for folder, beside in ((ckpt, "dsv3_meta.json"), (tmp_path / "hf", "config.json")):
+        want = stat.S_IMODE((folder / beside).stat().st_mode)
+        files = sorted(folder.glob("*.safetensors"))
+        assert files and {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == dict.fromkeys(
+            (f.name for f in files), want)
 
 
 def test_import_hf_starts_a_run_from_those_weights(tiny_data, straight_run, tmp_path):

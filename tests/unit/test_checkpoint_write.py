@@ -4,6 +4,8 @@ holding more than one tensor's worth beyond its share."""
 
 from __future__ import annotations
 
+import os
+import stat
 from collections import Counter
 
 import pytest
@@ -93,3 +95,19 @@ def test_plan_reports_the_largest_write_save_makes():
     report = plan(load_config("configs/671b.yaml", []))
     assert report["checkpoint_largest_write_bytes"] == 12 * max(per_rank.values())  # 16.76 GB
     assert report["checkpoint_bytes"] == 12 * sum(sizes.values()) + 4 * 58 * 256 + 4 * 256  # + routing biases
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_safetensors_files_get_the_mode_the_umask_gives_any_new_file(tmp_path, umask):
+    # safetensors 0.8 alone leaves 0o600 (a temporary file renamed into place): checkpoints and
+    # exports unreadable to a teammate's job running as another user
+    from model.hf import save_safetensors
+
+    old = os.umask(umask)
+    try:
+        save_safetensors({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == 0o666 & ~umask
