@@ -32,6 +32,8 @@ from collections import defaultdict
 
 import torch
 
+from model import ConfigError
+
 PARTS = ("attention", "router", "expert_gemm", "dispatch", "head_loss", "optimizer", "communication", "other")
 _SCOPE = "bench::"
 _BLOCK = "block"  # a decoder block or MTP module: no part of its own, it marks a recompute in backward
@@ -154,6 +156,10 @@ def breakdown_from_profile(events) -> dict[str, float]:
 
 def bench(cfg, steps: int = 10, warmup: int = 2, profile: bool = True, log=None) -> dict:
     """Run the benchmark; returns the report dict (the `--json` object)."""
+    if steps < 1:
+        raise ConfigError("--steps", steps, "must be a positive integer")
+    if warmup < 0:
+        raise ConfigError("--warmup", warmup, "must be at least 0")
     from model import DeepSeekV3
     from parallel import engine as pe
 

@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("prompt")
     sp.add_argument("--tokens", type=int, default=80)
     sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    sp.add_argument("--top-p", type=float, default=0.95)
+    sp.add_argument("--top-p", type=float, default=0.95, help="nucleus mass in [0, 1] (0 = greedy)")
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_sample)
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
-from model import DeepSeekV3
+from model import ConfigError, DeepSeekV3
 
 from . import checkpoint as ckpt_io
 from .config import Config, load_config
+from .data import EOD_CANDIDATES
 
 
 def resolve_run(run_dir: str | Path, checkpoint: str | None = None) -> tuple[Config, Path]:
@@ -41,6 +42,12 @@ def generate(model: DeepSeekV3, prompt_ids: list[int], max_new_tokens: int, temp
              top_p: float = 1.0, stop_id: int | None = None, seed: int = 0) -> list[int]:
     """Greedy (temperature 0) or nucleus sampling. Recomputes the whole window per token: no KV
     cache, which is fine at smoke scale and keeps this obviously correct."""
+    if not prompt_ids:
+        raise ConfigError("prompt", None, "has no tokens")
+    if temperature < 0:
+        raise ConfigError("--temperature", temperature, "must be at least 0 (0: greedy)")
+    if not 0 <= top_p <= 1:
+        raise ConfigError("--top-p", top_p, "a fraction in [0, 1] (0: greedy)")
     g = torch.Generator().manual_seed(seed)
     ids = list(prompt_ids)
     window = model.cfg.max_position_embeddings
@@ -53,6 +60,7 @@ def generate(model: DeepSeekV3, prompt_ids: list[int], max_new_tokens: int, temp
             probs = torch.softmax(logits / temperature, dim=-1)
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < top_p  # smallest set whose mass reaches top_p
+            keep[0] = True  # and never empty: top_p = 0 is greedy
             sorted_p = sorted_p * keep
             nxt = int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=g)])
         if stop_id is not None and nxt == stop_id:
@@ -71,6 +79,12 @@ def sample_text(run_dir: str | Path, prompt: str, max_new_tokens: int = 80, temp
         raise FileNotFoundError(f"{tok_file}: the run has no tokenizer (copied at the start of training from beside "
                                 "the data's manifest or, for data.train_shards, the shards)")
     tok = Tokenizer.from_file(str(tok_file))
-    stop = tok.token_to_id("<|endoftext|>")
-    ids = generate(model, tok.encode(prompt).ids, max_new_tokens, temperature, top_p, stop, seed)
-    return tok.decode(ids)
+    stop = next((tok.token_to_id(name) for name in EOD_CANDIDATES if tok.token_to_id(name) is not None), None)
+    ids = tok.encode(prompt).ids
+    if not ids:  # an empty prompt: start where every training document starts, after an end of document
+        if stop is None:
+            raise ConfigError("prompt", prompt, f"is empty, and {tok_file} has no end-of-document token "
+                              f"({', '.join(EOD_CANDIDATES)}) to start a document after")
+        ids = [stop]
+    ids = generate(model, ids, max_new_tokens, temperature, top_p, stop, seed)
+    return tok.decode(ids)  # (special tokens, the end of document among them, left out)

@@ -173,6 +173,13 @@ def test_checkpoint_and_export_files_are_readable_like_their_json(straight_run, 
             (f.name for f in files), want)
 
 
+def test_sample_from_an_empty_prompt_starts_after_an_end_of_document(straight_run):
+    # an empty prompt used to end in a traceback (a float tensor of no ids); now the model writes
+    # the start of a document, as after every <|endoftext|> it was trained on
+    out = run_cli("sample", str(straight_run), "", "--tokens", "8", "--temperature", "0").stdout
+    assert out.strip() and "<|endoftext|>" not in out
+
+
 def test_import_hf_starts_a_run_from_those_weights(tiny_data, straight_run, tmp_path):
     run_cli("export-hf", str(straight_run), str(tmp_path / "hf"))
     run_cli("import-hf", "--config", "configs/smoke.yaml", str(tmp_path / "hf"), str(tmp_path / "imported"), *TINY)

@@ -68,3 +68,14 @@ def test_breakdown_scopes_close_under_activation_checkpointing():
     assert recomputed.count("bench::experts") == len(model.moe_layers())
     parts = breakdown_from_profile(prof.events())
     assert all(parts.get(p, 0.0) >= 0 for p in PARTS) and parts["attention"] > 0 and parts["dispatch"] > 0
+
+
+@pytest.mark.parametrize("kwargs, field", [(dict(steps=0), "--steps"), (dict(warmup=-1), "--warmup")])
+def test_bench_refuses_a_count_it_cannot_time_by_name(kwargs, field):
+    # --steps 0 used to train the warmup and then divide by zero
+    from model import ConfigError
+    from train.bench import bench
+    from train.config import load_config
+
+    with pytest.raises(ConfigError, match=field):
+        bench(load_config("configs/smoke.yaml"), **kwargs)
