@@ -16,14 +16,17 @@ step s holds the same samples on 1 or 64 ranks, and a checkpoint records the pos
 sample count, so resuming continues the same stream.
 
 Bad shards (`TokenSamples`): a shard that is missing, unreadable, of another size than the
-manifest records, or fails to index (a truncated tar, garbage over a header) is found when the
-split is opened and all its samples are skipped; a sample that fails to decode to
+manifest records, or fails to index (a truncated tar, garbage over a header) is found when a
+sample of it is first read and all its samples are skipped; a sample that fails to decode to
 (seq_len + 1,) token ids of the manifest's dtype within the vocabulary is found when read and
 only that sample is skipped. Either way the shard is counted in `bad_shards` and named once on
 stderr, and sample i is served as the next good sample in index order (i + 1, i + 2, ...,
 wrapping at the end of the split). Whether a sample is good depends only on the bytes of its
 shard, so every rank, at any world size, makes the same replacements and every global batch
-keeps its size.
+keeps its size. Opening a split reads the manifest only: indexing a shard reads a header per
+sample (5-10 ms and about half the file for 1024 samples of 4097 tokens), and every rank doing
+that for every shard at the start would take minutes per 10K shards and read the dataset from
+shared storage once per rank. Shards without a manifest are counted at open, a share per rank.
 """
 
 from __future__ import annotations
@@ -608,19 +611,25 @@ class TokenSamples:
     (seq_len + 1,). Samples are numbered globally across the split's shards, in shard order.
 
     Reads the shards that manifest.json in data.dir lists, or the shards of data.train_shards /
-    data.val_shards when set (local paths; samples counted by scanning the tars). Each tar is
+    data.val_shards when set (local paths; samples counted by indexing the tars, each rank a share
+    of them: see `count_shard_samples`). Each tar is
     indexed by wids' IndexedTarSamples (an mmap index of the tar members). We keep our own
     global-index -> shard mapping and a small LRU of open shards rather than wids.ShardListDataset
     because the latter, for local files, creates `<shard>.lock` files next to every shard it opens
     (failing on read-only dataset folders), prints to stderr on construction and keeps a
     process-wide registry of open files capped at 100.
 
-    Bad shards are skipped, not fatal (see the module docstring): every shard is checked (size
-    against the manifest, then indexed) when the split is opened, `bad_shards` counts the distinct
-    shards found bad so far, and a bad sample is replaced by the next good one in index order.
+    Bad shards are skipped, not fatal (see the module docstring): a shard is checked (size
+    against the manifest, then indexed) when it is first opened to read, `bad_shards` counts the
+    distinct shards found bad so far, and a bad sample is replaced by the next good one in index
+    order.
+
+    `ranks` = (rank, world size, in-place all-reduce sum of an int64 CPU tensor) shares out the
+    counting of shards without a manifest; None counts them all here.
     """
 
-    def __init__(self, cfg: Config, split: str, max_open_shards: int = 64):
+    def __init__(self, cfg: Config, split: str, max_open_shards: int = 64,
+                 ranks: tuple[int, int, Callable[[torch.Tensor], torch.Tensor]] | None = None):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
         self.split = split
@@ -629,23 +638,21 @@ class TokenSamples:
         self._open: OrderedDict[int, IndexedTarSamples] = OrderedDict()
         self._bad: dict[int, str] = {}  # shard index -> why it is bad (each warned about once)
         self._dead: set[int] = set()  # shards none of whose samples can be read
-        pattern = cfg.data.train_shards if split == "train" else cfg.data.val_shards
-        sizes: list[int | None]
+        self._checked: set[int] = set()  # shards whose size has been compared with the manifest's
+        self.pattern = pattern = cfg.data.train_shards if split == "train" else cfg.data.val_shards
         if pattern:
             key = f"data.{split}_shards"
             paths = _expand_local_shards(pattern, key)
             # a manifest beside the shards (they came from prepare-data) still gets checked
             self.manifest_path = paths[0].parent / MANIFEST
             self.manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else None
-            self.shards = []
-            for k, p in enumerate(paths):
-                try:
-                    n = _count_samples(p)
-                except Exception as err:  # noqa: BLE001 - any failure to index makes the shard bad
-                    n = 0  # its sample count is unknown: it contributes none
-                    self._mark_bad(k, p, f"cannot be indexed ({type(err).__name__}: {err})", dead=True)
-                self.shards.append((p, n))
-            sizes = [None] * len(paths)
+            counts = count_shard_samples(paths, *(ranks or (0, 1, None)), warn=lambda k, why: self._mark_bad(
+                k, paths[k], why, dead=True))
+            for k, n in enumerate(counts):
+                if n is None:  # another rank named it; its sample count is unknown: it contributes none
+                    self._dead.add(k)
+            self.shards = [(p, n or 0) for p, n in zip(paths, counts)]
+            self._sizes = [None] * len(paths)
         else:
             data_dir = Path(cfg.data.dir).expanduser().resolve()
             self.manifest_path = data_dir / MANIFEST
@@ -658,7 +665,7 @@ class TokenSamples:
             self.manifest = json.loads(self.manifest_path.read_text())
             entries = self.manifest[split]["shards"]
             self.shards = [(data_dir / s["url"], int(s["nsamples"])) for s in entries]
-            sizes = [s.get("bytes") for s in entries]
+            self._sizes = [s.get("bytes") for s in entries]
         if self.manifest is not None:
             self._check_manifest(cfg)
         self.vocab_size: int | None = self.manifest["vocab_size"] if self.manifest else None
@@ -666,17 +673,13 @@ class TokenSamples:
         self._dtype = np.dtype(self.manifest["dtype"]) if self.manifest and "dtype" in self.manifest else None
         self._max_id = self.vocab_size if self.vocab_size is not None else cfg.model.vocab_size
         self._ends = np.cumsum([n for _, n in self.shards]).tolist()  # exclusive end index of each shard
+        if self.shards and len(self._dead) == len(self.shards):  # (shards without a manifest, counted above)
+            self._every_shard_bad()
         if len(self) == 0:
             raise ConfigError(
                 "data.val_documents" if split == "val" else "data.sources", None,
                 f"the {split} split holds no samples ({self.manifest_path.parent})",
             )
-        if not pattern:
-            for k, size in enumerate(sizes):
-                self._validate_shard(k, size)
-        if len(self._dead) == len(self.shards):
-            raise ConfigError("data.dir", str(self.manifest_path.parent),
-                              f"every {split} shard is unreadable; re-run `dsv3 prepare-data CONFIG`")
         if pattern and self.manifest is None:
             # no manifest to compare with: the sample length is the seq_len the shards were cut for
             first = next(k for k in range(len(self.shards)) if k not in self._dead)
@@ -706,7 +709,8 @@ class TokenSamples:
 
     @property
     def bad_shards(self) -> int:
-        """How many distinct shards of this split were found bad so far (at open or on reading)."""
+        """How many distinct shards of this split were found bad so far (on reading; shards without a
+        manifest also while they are counted at open)."""
         return len(self._bad)
 
     @property
@@ -730,22 +734,11 @@ class TokenSamples:
         what = "skipping it" if dead else "skipping its unreadable samples"
         print(f"dsv3: warning: bad {self.split} shard {path}: {why}; {what}", file=sys.stderr, flush=True)
 
-    def _validate_shard(self, k: int, size: int | None) -> None:
-        """The cheap checks at open: the file is there, has the manifest's size and indexes to the
-        manifest's sample count. A shard failing any of them is dead (every sample skipped)."""
-        path = self.shards[k][0]
-        try:
-            actual = path.stat().st_size
-        except OSError as err:
-            self._mark_bad(k, path, f"unreadable ({err.strerror or err})", dead=True)
-            return
-        if size is not None and actual != size:
-            self._mark_bad(k, path, f"{actual} bytes, the manifest says {size} (truncated or overwritten?)", dead=True)
-            return
-        try:
-            self._shard(k)
-        except Exception as err:  # noqa: BLE001 - any failure to index makes the shard bad
-            self._mark_bad(k, path, f"cannot be indexed ({type(err).__name__}: {err})", dead=True)
+    def _every_shard_bad(self):
+        if self.pattern:
+            raise ConfigError(f"data.{self.split}_shards", self.pattern, f"every {self.split} shard is unreadable")
+        raise ConfigError("data.dir", str(self.manifest_path.parent),
+                          f"every {self.split} shard is unreadable; re-run `dsv3 prepare-data CONFIG`")
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
@@ -756,6 +749,11 @@ class TokenSamples:
             self._open.move_to_end(k)
             return tar
         path, expected = self.shards[k]
+        if k not in self._checked:  # the first time: the manifest's size (a truncated or overwritten file)
+            actual, size = path.stat().st_size, self._sizes[k]
+            if size is not None and actual != size:
+                raise BadShardError(f"{actual} bytes, the manifest says {size} (truncated or overwritten?)")
+            self._checked.add(k)
         tar = IndexedTarSamples(path=str(path))
         if len(tar) != expected:
             tar.close()
@@ -785,10 +783,17 @@ class TokenSamples:
         if k in self._dead:
             return None
         path = self.shards[k][0]
-        try:
+        try:  # the shard's checks, the first time it is opened
             self._shard(k)
-        except Exception as err:  # noqa: BLE001 - e.g. the file went away after it was validated
-            self._mark_bad(k, path, f"cannot be opened ({type(err).__name__}: {err})", dead=True)
+            why = None
+        except OSError as err:  # missing, unreadable, or gone since it was last read
+            why = f"unreadable ({err.strerror or err})"
+        except BadShardError as err:  # not the size or sample count the manifest records
+            why = str(err)
+        except Exception as err:  # noqa: BLE001 - any failure to index makes the shard bad
+            why = f"cannot be indexed ({type(err).__name__}: {err})"
+        if why is not None:
+            self._mark_bad(k, path, why, dead=True)
             return None
         try:
             arr = self._read(i)
@@ -818,6 +823,8 @@ class TokenSamples:
             if arr is not None:
                 return torch.from_numpy(arr.astype(np.int64))  # (seq_len + 1,)
             j, skipped = (j + 1) % n, skipped + 1
+        if len(self._dead) == len(self.shards):
+            self._every_shard_bad()
         raise ConfigError("data.dir", str(self.manifest_path.parent),
                           f"no readable {self.split} sample left; re-run `dsv3 prepare-data CONFIG`")
 
@@ -864,6 +871,25 @@ def _count_samples(path: Path) -> int:
         return len(tar)
     finally:
         tar.close()
+
+
+def count_shard_samples(paths: list[Path], rank: int = 0, world: int = 1,
+                        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        warn: Callable[[int, str], None] | None = None) -> list[int | None]:
+    """The number of samples in each tar, None for one that cannot be indexed (`warn(k, why)` is
+    called for those, on the rank that counted them only). Rank r indexes paths[r::world] and
+    `all_reduce` (an in-place sum over the ranks) shares the counts: indexing reads a header per
+    sample, too much for every rank to do for every shard of a large dataset."""
+    counts = torch.zeros(len(paths), dtype=torch.int64)  # n + 1 for a shard counted, 0 for not (here)
+    for k in range(rank, len(paths), world):
+        try:
+            counts[k] = _count_samples(paths[k]) + 1
+        except Exception as err:  # noqa: BLE001 - any failure to index makes the shard bad
+            if warn is not None:
+                warn(k, f"cannot be indexed ({type(err).__name__}: {err})")
+    if world > 1:
+        all_reduce(counts)
+    return [int(c) - 1 if c else None for c in counts]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,8 +161,9 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         ckpt_io.check_model_matches(meta, cfg.model, resume_from)
     engine, layout = pe.build_engine(model, cfg, info)
 
-    train_samples = TokenSamples(cfg, "train")
-    val_samples = TokenSamples(cfg, "val")
+    ranks = (rank, world, pe.all_reduce_)  # shards without a manifest: each rank counts a share
+    train_samples = TokenSamples(cfg, "train", ranks=ranks)
+    val_samples = TokenSamples(cfg, "val", ranks=ranks)
     stream = BatchStream(train_samples, cfg.train.seed, rank, world, cfg.train.micro_batch_size)
     # eval_batches global batches of val samples, the same set at any world size
     val = eval_batches(val_samples, cfg.train.eval_batches, cfg.train.global_batch_size, rank, world,

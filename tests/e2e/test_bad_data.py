@@ -79,3 +79,25 @@ def test_a_bad_sample_read_by_another_rank_is_counted(tiny_data, tmp_path):
     run_cli("train", "configs/smoke.yaml", *overrides, f"train.run_dir={run}", "train.steps=2", nproc=2)
     trained = [r for r in rows(run) if r["step"] > 0]
     assert [r["bad_shards"] for r in trained] == [1, 1]
+
+
+def test_shards_without_a_manifest_are_counted_once_between_the_ranks(tiny_data, tmp_path):
+    """data.train_shards without a manifest: each of two ranks indexes half the shards and an
+    all-reduce shares the counts, so a shard that cannot be indexed is named once (by rank 1,
+    which counted it), skipped by both ranks and counted in bad_shards; training completes."""
+    overrides, data_dir = _private_data(tiny_data, tmp_path / "data")
+    own = tmp_path / "own"
+    own.mkdir()
+    shards = sorted(data_dir.glob("train-*.tar"))
+    assert len(shards) >= 3
+    for s in [*shards, data_dir / "val-000000.tar"]:
+        shutil.copy(s, own)
+    _corrupt(own / shards[1].name, 0, "garbage")
+    run = tmp_path / "run"
+    proc = run_cli("train", "configs/smoke.yaml", *overrides, f"data.dir={tmp_path / 'none'}",
+                   f"data.train_shards={'::'.join(str(own / s.name) for s in shards)}",
+                   f"data.val_shards={own / 'val-000000.tar'}", f"train.run_dir={run}", "train.steps=2",
+                   "train.sample_tokens=0", nproc=2)
+    warnings = [line for line in proc.stderr.splitlines() if shards[1].name in line]
+    assert len(warnings) == 1 and "cannot be indexed" in warnings[0], proc.stderr[-3000:]
+    assert [r["bad_shards"] for r in rows(run) if r["step"] > 0] == [1, 1]

@@ -544,10 +544,12 @@ def test_dead_shard_served_by_next_good_sample(prepared, train_samples, tmp_path
     else:
         path.unlink()
     with TokenSamples(cfg, "train") as samples:
-        assert samples.bad_shards == 1  # found when the split is opened, before any read
+        assert samples.bad_shards == 0  # opening reads the manifest only
+        assert len(samples) == len(train_samples)  # indices (and so the stream) are unchanged
+        assert torch.equal(samples[starts[k]], train_samples[starts[k + 1]])  # found on the first read
+        assert samples.bad_shards == 1
         err = capsys.readouterr().err
         assert err.count(str(path)) == 1 and "train shard" in err
-        assert len(samples) == len(train_samples)  # indices (and so the stream) are unchanged
         for i in range(len(samples)):
             want = starts[k + 1] if starts[k] <= i < starts[k + 1] else i
             assert torch.equal(samples[i], train_samples[want]), i
@@ -608,7 +610,46 @@ def test_every_shard_bad_is_an_error(prepared, tmp_path):
     for s in m["val"]["shards"]:
         (tmp_path / "data" / s["url"]).write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="every val shard is unreadable"):
-        TokenSamples(cfg, "val")
+        TokenSamples(cfg, "val")[0]  # on the first read, which finds them all bad
+    listed = "::".join(str(tmp_path / "data" / s["url"]) for s in m["val"]["shards"])
+    with pytest.raises(ConfigError, match="every val shard is unreadable"):
+        TokenSamples(_cfg(tmp_path / "data", cfg.data.sources, f"data.val_shards={listed}"), "val")  # counted at open
+
+
+def test_opening_a_split_reads_no_shard(prepared, train_samples, tmp_path):
+    """Every rank opens every split; indexing each shard there (a header per sample) would make
+    the start of a large run take minutes per 10K shards. With the manifest's counts, a shard is
+    opened when a sample is first read from it."""
+    cfg, m = _copy_prepared(prepared, tmp_path / "data")
+    paths = [tmp_path / "data" / s["url"] for s in m["train"]["shards"]]
+    away = [p.rename(p.with_name(p.name + ".away")) for p in paths]
+    with TokenSamples(cfg, "train") as samples:  # no shard there to open
+        assert len(samples) == len(train_samples) and samples.bad_shards == 0
+        for a, p in zip(away, paths):
+            a.rename(p)
+        starts = _shard_starts(m)
+        assert torch.equal(samples[starts[1] + 3], train_samples[starts[1] + 3])
+        assert list(samples._open) == [1] and samples.bad_shards == 0  # the one shard read from
+
+
+def test_shards_without_a_manifest_are_counted_a_share_per_rank(prepared, tmp_path):
+    """Rank r of 3 indexes shards r, r + 3, ...; their sum over the ranks (the all-reduce) is every
+    shard's count, and an unindexable shard is named by the one rank that tried it."""
+    cfg, m = _copy_prepared(prepared, tmp_path / "data")
+    paths = [tmp_path / "data" / s["url"] for s in m["train"]["shards"]]
+    assert len(paths) >= 3
+    paths[1].write_bytes(b"garbage")
+    want = [None if k == 1 else s["nsamples"] for k, s in enumerate(m["train"]["shards"])]
+    assert data.count_shard_samples(paths) == want
+    total, named = torch.zeros(len(paths), dtype=torch.int64), []
+    for rank in range(3):
+        def add(counts: torch.Tensor) -> torch.Tensor:  # this rank's part of the sum
+            total.add_(counts)
+            return counts
+        part = data.count_shard_samples(paths, rank, 3, all_reduce=add, warn=lambda k, why: named.append((rank, k)))
+        assert [k for k, c in enumerate(part) if c is not None] == [k for k in range(rank, len(paths), 3) if k != 1]
+    assert [int(c) - 1 if c else None for c in total] == want
+    assert named == [(1, 1)]
 
 
 def test_check_tokenizer_matches(prepared, tmp_path):
