@@ -16,17 +16,19 @@ step s holds the same samples on 1 or 64 ranks, and a checkpoint records the pos
 sample count, so resuming continues the same stream.
 
 Bad shards (`TokenSamples`): a shard that is missing, unreadable, of another size than the
-manifest records, or fails to index (a truncated tar, garbage over a header) is found when a
-sample of it is first read and all its samples are skipped; a sample that fails to decode to
-(seq_len + 1,) token ids of the manifest's dtype within the vocabulary is found when read and
-only that sample is skipped. Either way the shard is counted in `bad_shards` and named once on
+manifest records, or, where its first or last member is not where prepare-data puts it, fails to
+index (a truncated tar, garbage over a header) is found when a sample of it is first read and all
+its samples are skipped; a sample whose tar header is not the one expected there, or that fails to
+decode to (seq_len + 1,) token ids of the manifest's dtype within the vocabulary, is found when
+read and only that sample is skipped. Either way the shard is counted in `bad_shards` and named once on
 stderr, and sample i is served as the next good sample in index order (i + 1, i + 2, ...,
 wrapping at the end of the split). Whether a sample is good depends only on the bytes of its
 shard, so every rank, at any world size, makes the same replacements and every global batch
-keeps its size. Opening a split reads the manifest only: indexing a shard reads a header per
-sample (5-10 ms and about half the file for 1024 samples of 4097 tokens), and every rank doing
-that for every shard at the start would take minutes per 10K shards and read the dataset from
-shared storage once per rank. Shards without a manifest are counted at open, a share per rank.
+keeps its size. Opening a split reads the manifest only, and a sample is one read at its offset
+(`_StridedShard`): indexing a shard reads a header per sample (5-10 ms and about half the file for
+1024 samples of 4097 tokens), which every rank did for every shard at the start, and again for
+most samples drawn once the shards outnumbered the cache of open ones. Shards without a manifest
+are indexed, each rank counting a share of them at open.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import bisect
 import functools
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -368,7 +371,7 @@ def _write_shards(out_dir: Path, split: str, stream: TokenStream, seq_len: int, 
         tmp = out_dir / (name + ".tmp")
         with open(tmp, "wb") as f, wds.TarWriter(f, mtime=_SHARD_MTIME) as writer:
             for i in range(start, stop):
-                writer.write({"__key__": f"{i:09d}", SAMPLE_FIELD: samples[i - start].astype(dtype)})
+                writer.write({"__key__": _sample_key(i), SAMPLE_FIELD: samples[i - start].astype(dtype)})
         os.replace(tmp, out_dir / name)
         # bytes: lets loading spot a truncated or extended shard from its size alone
         shards.append({"url": name, "nsamples": stop - start, "bytes": (out_dir / name).stat().st_size})
@@ -606,14 +609,74 @@ class BadShardError(ValueError):
     """A shard, or one sample of it, that cannot be read as the manifest describes."""
 
 
+def _tar_member(header: bytes) -> tuple[str, int]:
+    """(name, size) from a 512-byte ustar header; ("", -1) where it is not one."""
+    try:
+        return header[:100].rstrip(b"\0").decode(), int(header[124:136].strip(b"\0 ") or b"0", 8)
+    except ValueError:  # (UnicodeDecodeError included) garbage
+        return "", -1
+
+
+class _StridedShard:
+    """A shard in prepare-data's layout, read without indexing it: every member is one sample
+    `{global index:09d}.tokens.npy` of the same size, so member j's header is at j · stride, and a
+    sample costs one read of `stride` bytes. (Indexing a shard, wids' way, reads a header per
+    sample: 5-10 ms and about half the file, for every shard a rank draws a sample from once the
+    open shards outnumber the cache, i.e. for most samples of a large dataset.) Each read checks
+    the member's header against the name and size expected, so garbage over a header makes that
+    sample bad. `open` returns None where the first and last members do not fit the layout; the
+    caller indexes such a shard instead."""
+
+    def __init__(self, fd: int, path: Path, n: int, first: int, stride: int, size: int):
+        self.fd, self.path, self.n, self.first, self.stride, self.size = fd, path, n, first, stride, size
+
+    @classmethod
+    def open(cls, path: Path, n: int, first: int) -> _StridedShard | None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            name, size = _tar_member(os.pread(fd, 512, 0))
+            stride = 512 + -(-size // 512) * 512
+            fits = (size >= 0 and name == _member_name(first) and n * stride + 1024 <= os.fstat(fd).st_size
+                    and _tar_member(os.pread(fd, 512, (n - 1) * stride)) == (_member_name(first + n - 1), size))
+        except BaseException:
+            os.close(fd)
+            raise
+        if not fits:
+            os.close(fd)
+            return None
+        return cls(fd, path, n, first, stride, size)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, j: int) -> dict:
+        raw = os.pread(self.fd, self.stride, j * self.stride)
+        want = _member_name(self.first + j)
+        name, size = _tar_member(raw[:512])
+        if (name, size) != (want, self.size):
+            raise BadShardError(f"member {j} is {name!r} of {size} bytes where {want!r} of {self.size} should be")
+        return {"__key__": _sample_key(self.first + j), "." + SAMPLE_FIELD: io.BytesIO(raw[512:512 + size])}
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _sample_key(index: int) -> str:
+    return f"{index:09d}"  # the key of sample `index` of a split (its tar member: KEY.tokens.npy)
+
+
+def _member_name(index: int) -> str:
+    return f"{_sample_key(index)}.{SAMPLE_FIELD}"
+
+
 class TokenSamples:
     """Indexed random access to the samples of one split: `samples[i]` is a LongTensor
     (seq_len + 1,). Samples are numbered globally across the split's shards, in shard order.
 
     Reads the shards that manifest.json in data.dir lists, or the shards of data.train_shards /
     data.val_shards when set (local paths; samples counted by indexing the tars, each rank a share
-    of them: see `count_shard_samples`). Each tar is
-    indexed by wids' IndexedTarSamples (an mmap index of the tar members). We keep our own
+    of them: see `count_shard_samples`). A shard of the manifest is read by offset (`_StridedShard`);
+    others are indexed by wids' IndexedTarSamples (an mmap index of the tar members). We keep our own
     global-index -> shard mapping and a small LRU of open shards rather than wids.ShardListDataset
     because the latter, for local files, creates `<shard>.lock` files next to every shard it opens
     (failing on read-only dataset folders), prints to stderr on construction and keeps a
@@ -635,7 +698,7 @@ class TokenSamples:
         self.split = split
         self.seq_len = cfg.data.seq_len
         self.max_open_shards = max_open_shards
-        self._open: OrderedDict[int, IndexedTarSamples] = OrderedDict()
+        self._open: OrderedDict[int, IndexedTarSamples | _StridedShard] = OrderedDict()
         self._bad: dict[int, str] = {}  # shard index -> why it is bad (each warned about once)
         self._dead: set[int] = set()  # shards none of whose samples can be read
         self._checked: set[int] = set()  # shards whose size has been compared with the manifest's
@@ -743,7 +806,7 @@ class TokenSamples:
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
 
-    def _shard(self, k: int) -> IndexedTarSamples:
+    def _shard(self, k: int) -> IndexedTarSamples | _StridedShard:
         tar = self._open.get(k)
         if tar is not None:
             self._open.move_to_end(k)
@@ -754,7 +817,9 @@ class TokenSamples:
             if size is not None and actual != size:
                 raise BadShardError(f"{actual} bytes, the manifest says {size} (truncated or overwritten?)")
             self._checked.add(k)
-        tar = IndexedTarSamples(path=str(path))
+        tar = None if self.pattern else _StridedShard.open(path, expected, self._ends[k] - expected)
+        if tar is None:  # shards made elsewhere (counted by indexing), or not in prepare-data's layout
+            tar = IndexedTarSamples(path=str(path))
         if len(tar) != expected:
             tar.close()
             raise BadShardError(f"holds {len(tar)} samples, the manifest says {expected}")

@@ -36,16 +36,19 @@ def _drawn(overrides: list[str], data_dir: Path, position: int = 0) -> tuple[Pat
     raise AssertionError("sample index beyond the manifest")
 
 
-def _corrupt(path: Path, index: int, how: str) -> None:
+def _corrupt(path: Path, index: int | None, how: str) -> None:
+    """Damage `path` around sample `index` (None: the middle of the file, for "garbage")."""
     raw = bytearray(path.read_bytes())
-    if how == "truncate":
-        del raw[len(raw) // 2:]
-    elif how == "garbage":  # the middle of the file, over member headers; the size stays the same
-        mid = len(raw) // 2
-        raw[mid: mid + 4096] = random.Random(0).randbytes(4096)
-    else:  # "payload": one sample's token ids out of range, every header intact
+    member = None
+    if index is not None:
         with tarfile.open(path) as tar:
             member = tar.getmember(f"{index:09d}.{SAMPLE_FIELD}")
+    if how == "truncate":
+        del raw[len(raw) // 2:]
+    elif how == "garbage":  # over the sample's header and the next members; the size stays the same
+        at = member.offset if member is not None else len(raw) // 2
+        raw[at: at + 4096] = random.Random(0).randbytes(4096)
+    else:  # "payload": one sample's token ids out of range, every header intact
         end = member.offset_data + member.size
         raw[end - 16: end] = b"\xff" * 16
     path.write_bytes(bytes(raw))
@@ -92,7 +95,7 @@ def test_shards_without_a_manifest_are_counted_once_between_the_ranks(tiny_data,
     assert len(shards) >= 3
     for s in [*shards, data_dir / "val-000000.tar"]:
         shutil.copy(s, own)
-    _corrupt(own / shards[1].name, 0, "garbage")
+    _corrupt(own / shards[1].name, None, "garbage")
     run = tmp_path / "run"
     proc = run_cli("train", "configs/smoke.yaml", *overrides, f"data.dir={tmp_path / 'none'}",
                    f"data.train_shards={'::'.join(str(own / s.name) for s in shards)}",

@@ -539,8 +539,8 @@ def test_dead_shard_served_by_next_good_sample(prepared, train_samples, tmp_path
     raw = path.read_bytes()
     if corrupt == "truncate":
         path.write_bytes(raw[: len(raw) // 2])
-    elif corrupt == "garbage_header":  # same size, so only indexing can tell
-        path.write_bytes(raw[:512] + random.Random(0).randbytes(1024) + raw[1536:])
+    elif corrupt == "garbage_header":  # over the first header, same size: the shard is not in the layout
+        path.write_bytes(random.Random(0).randbytes(1024) + raw[1024:])  # written, and will not index
     else:
         path.unlink()
     with TokenSamples(cfg, "train") as samples:
@@ -554,6 +554,28 @@ def test_dead_shard_served_by_next_good_sample(prepared, train_samples, tmp_path
             want = starts[k + 1] if starts[k] <= i < starts[k + 1] else i
             assert torch.equal(samples[i], train_samples[want]), i
         assert samples.bad_shards == 1 and str(path) not in capsys.readouterr().err  # warned once
+
+
+def test_garbage_over_a_header_inside_a_shard_makes_those_samples_bad(prepared, train_samples, tmp_path, capsys):
+    """A shard of prepare-data's layout is read a member at a time, at j · stride, each header
+    checked: garbage over members 2 and 3 of shard 1 replaces those two samples by the next good
+    one, and the rest of the shard is served as it is."""
+    cfg, m = _copy_prepared(prepared, tmp_path / "data")
+    starts = _shard_starts(m)
+    path = tmp_path / "data" / m["train"]["shards"][1]["url"]
+    first, _ = _member_data_offset(path, starts[1])
+    second, _ = _member_data_offset(path, starts[1] + 1)
+    stride = second - first
+    raw = bytearray(path.read_bytes())
+    raw[2 * stride: 4 * stride] = random.Random(1).randbytes(2 * stride)
+    path.write_bytes(bytes(raw))
+    bad = {starts[1] + 2, starts[1] + 3}
+    with TokenSamples(cfg, "train") as samples:
+        for i in range(len(samples)):
+            want = starts[1] + 4 if i in bad else i
+            assert torch.equal(samples[i], train_samples[want]), i
+        assert samples.bad_shards == 1 and capsys.readouterr().err.count(str(path)) == 1
+        assert isinstance(samples._open[1], data._StridedShard)  # read without an index
 
 
 def test_bad_last_shard_wraps_to_first_sample(prepared, train_samples, tmp_path):
