@@ -20,8 +20,8 @@ manifest records, or, where its first or last member is not where prepare-data p
 index (a truncated tar, garbage over a header) is found when a sample of it is first read and all
 its samples are skipped; a sample whose tar header is not the one expected there, or that fails to
 decode to (seq_len + 1,) token ids of the manifest's dtype within the vocabulary, is found when
-read and only that sample is skipped. Either way the shard is counted in `bad_shards` and named once on
-stderr, and sample i is served as the next good sample in index order (i + 1, i + 2, ...,
+read and only that sample is skipped. Either way the shard is counted in `bad_shards` and named
+once on stderr, and sample i is served as the next good sample in index order (i + 1, i + 2, ...,
 wrapping at the end of the split). Whether a sample is good depends only on the bytes of its
 shard, so every rank, at any world size, makes the same replacements and every global batch
 keeps its size. Opening a split reads the manifest only, and a sample is one read at its offset
@@ -683,7 +683,8 @@ class TokenSamples:
     process-wide registry of open files capped at 100.
 
     Bad shards are skipped, not fatal (see the module docstring): a shard is checked (size
-    against the manifest, then indexed) when it is first opened to read, `bad_shards` counts the
+    against the manifest, then its layout or its index) when it is first opened to read, and each
+    sample when it is read; `bad_shards` counts the
     distinct shards found bad so far, and a bad sample is replaced by the next good one in index
     order.
 
