@@ -34,7 +34,6 @@ are indexed, each rank counting a share of them at open.
 from __future__ import annotations
 
 import bisect
-import functools
 import hashlib
 import importlib.util
 import io
@@ -963,18 +962,51 @@ def count_shard_samples(paths: list[Path], rank: int = 0, world: int = 1,
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The order of epoch `epoch`: a permutation of range(n) (int64, (n,)); cached, do not modify."""
-    g = torch.Generator()
-    # One stream per (seed, epoch); the modulus keeps any int seed within manual_seed's range.
-    g.manual_seed((seed * 1_000_003 + epoch) % (1 << 63))
-    return torch.randperm(n, generator=g)
+ORDER = "feistel6"  # how epochs are shuffled; checkpoints keep it (another order is other data)
+_ROUNDS = 6
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, element-wise on uint64 (wrapping arithmetic): a cheap, well-mixed hash."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def epoch_order(n: int, seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
+    """Entries `positions` (ints in [0, n)) of epoch `epoch`'s order of range(n): a pseudo-random
+    permutation fixed by (seed, epoch), evaluated where asked, never built whole.
+
+    A balanced Feistel network (_ROUNDS rounds over 2h bits with 4^h >= n, the round function
+    splitmix64 of the right half and a round key) permutes [0, 4^h); applying it again while the
+    result is >= n ("cycle walking") restricts it to a permutation of [0, n), in under four
+    applications on average. Time and memory follow the positions asked for, not n: the
+    materialised alternative, a randperm per epoch, is 8 bytes per sample on every rank (29 GB
+    for the 3.6B samples of 14.8T tokens at seq_len 4096) and a minute of CPU to draw."""
+    if n <= 0:
+        raise ValueError(f"no samples to order (n={n})")
+    h = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask, shift = np.uint64((1 << h) - 1), np.uint64(h)
+    base = (seed * 1_000_003 + epoch * 0x9E3779B97F4A7C15) % 2**64
+    keys = _mix(np.arange(_ROUNDS, dtype=np.uint64) + np.uint64(base))
+
+    def feistel(x: np.ndarray) -> np.ndarray:
+        left, right = x >> shift, x & mask
+        for key in keys:
+            left, right = right, left ^ (_mix(right ^ key) & mask)
+        return (left << shift) | right
+
+    x = feistel(np.asarray(positions, dtype=np.uint64))
+    outside = np.flatnonzero(x >= n)
+    while outside.size:  # each one walks its cycle of the permutation back into [0, n)
+        x[outside] = feistel(x[outside])
+        outside = outside[x[outside] >= n]
+    return x.astype(np.int64)
 
 
 def stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
-    """Entries [start, start + count) of the sample stream: epoch 0's permutation of range(n), then
-    epoch 1's, ... (crossing epoch boundaries as needed)."""
+    """Entries [start, start + count) of the sample stream: epoch 0's order of range(n), then
+    epoch 1's, ... (crossing epoch boundaries as needed; see epoch_order)."""
     if n <= 0:
         raise ValueError(f"no samples to draw from (n={n})")
     if start < 0 or count < 0:
@@ -984,7 +1016,7 @@ def stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     while pos < end:
         epoch, offset = divmod(pos, n)
         take = min(n - offset, end - pos)
-        out.extend(_epoch_permutation(n, seed, epoch)[offset:offset + take].tolist())
+        out.extend(epoch_order(n, seed, epoch, np.arange(offset, offset + take)).tolist())
         pos += take
     return out
 
@@ -1045,7 +1077,7 @@ class BatchStream:
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "seed": self.seed, "samples": len(self.samples),
-                "fingerprint": self.samples.fingerprint}
+                "fingerprint": self.samples.fingerprint, "order": ORDER}
 
     def load_state_dict(self, state: dict) -> str | None:
         """Continue the checkpointed stream: its position and its seed (the order is run state).
@@ -1055,6 +1087,11 @@ class BatchStream:
         but the order is a new one, so this epoch's remaining samples are not the old ones."""
         self.consumed = int(state["consumed"])
         self.seed = int(state["seed"])
+        order = state.get("order", "randperm")  # (checkpoints from before the order was kept)
+        if order != ORDER:
+            return (f"the checkpoint's {self.samples.split} samples were drawn in another order ({order}, now "
+                    f"{ORDER}): continuing at sample {self.consumed} of this order, so some samples of this epoch "
+                    "may repeat or be skipped")
         if "fingerprint" not in state or state["fingerprint"] == self.samples.fingerprint:
             return None  # the same data (or a checkpoint from before fingerprints were kept)
         return (f"the {self.samples.split} data differ from the checkpoint's ({state['samples']} samples, layout "

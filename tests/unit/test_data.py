@@ -416,6 +416,40 @@ def test_stream_indices_epochs_and_seeds():
     assert stream_indices(n, 8, 0, n) != epochs[0]  # the seed changes the order
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 16, 17, 1000, 4097])
+def test_epoch_order_is_a_permutation_of_every_size(n):
+    # sizes at and beside the powers of four the Feistel network works over (cycle walking)
+    order = data.epoch_order(n, 3, 0, np.arange(n))
+    assert sorted(order.tolist()) == list(range(n))
+    assert data.epoch_order(n, 3, 0, np.arange(n)[::-1]).tolist() == order[::-1].tolist()  # any positions
+
+
+def test_epoch_order_looks_random_at_scale():
+    """Positions of an epoch of 10M samples, never materialised: a window of 4096 consecutive
+    positions (what a few global batches draw) lands evenly over the dataset and its values are
+    distinct; the order is not correlated with the position; another epoch or seed is another
+    order. Bounds: binomial counts over 16 bins of 256 expected, > 8 sigma from the edges."""
+    n = 10_000_000
+    window = data.epoch_order(n, 1234, 0, np.arange(5_000_000, 5_004_096))
+    assert len(set(window.tolist())) == 4096 and window.min() >= 0 and window.max() < n
+    counts = np.bincount(window * 16 // n, minlength=16)
+    assert counts.min() > 130 and counts.max() < 390, counts
+    positions = np.random.default_rng(0).integers(0, n, 20_000)
+    r = np.corrcoef(positions, data.epoch_order(n, 1234, 0, positions))[0, 1]
+    assert abs(r) < 0.05, r  # about 0.007 expected from 20K uncorrelated pairs
+    for seed, epoch in ((1234, 1), (1235, 0)):
+        other = data.epoch_order(n, seed, epoch, np.arange(5_000_000, 5_004_096))
+        assert (other == window).mean() < 0.01
+
+
+def test_a_checkpoint_drawn_in_another_order_is_said(train_samples):
+    state = BatchStream(train_samples, 11, 0, 1, 2, consumed=10).state_dict()
+    state.pop("order")  # as checkpoints from before it was kept (a randperm per epoch)
+    moved = BatchStream(train_samples, 11, 0, 1, 2)
+    warning = moved.load_state_dict(state)
+    assert moved.consumed == 10 and warning and "another order (randperm" in warning
+
+
 # batch sizes as with a batch-size ramp: every one divides over 4 ranks x micro-batch 2
 BATCHES = [8, 16, 8, 24, 16, 8, 32, 8]
 
@@ -452,7 +486,7 @@ def test_batch_stream_resume_and_seed(train_samples):
         a.next(size)
     state = a.state_dict()
     assert state == {"consumed": sum(BATCHES[:3]), "seed": 11, "samples": len(train_samples),
-                     "fingerprint": train_samples.fingerprint}
+                     "fingerprint": train_samples.fingerprint, "order": data.ORDER}
     rest = [a.next(size) for size in BATCHES[3:]]
     b = BatchStream(train_samples, 999, rank=1, world_size=2, micro_batch_size=2)
     assert b.load_state_dict(state) is None  # the same data: nothing to say
