@@ -61,6 +61,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     save_file(tensors, str(path), metadata=metadata)
     os.chmod(path, 0o666 & ~_umask())
 
+
 # ModelConfig fields whose HF config.json key is the same name.
 _SAME_NAME = [
     "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
