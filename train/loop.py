@@ -292,8 +292,10 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
             bar.update(1)
             bar.set_postfix(loss=f"{means[0].item():.3f}", refresh=False)
 
+        stop_signal = stop.agreed(info.device)  # a signal on any rank: all log, save now, then return
         do_eval = step % cfg.train.eval_interval == 0 or step == cfg.train.steps
-        do_log = step % cfg.logging.interval == 0 or do_eval
+        # the step a run stops at always gets a row: a watcher's curves end where the run did
+        do_log = step % cfg.logging.interval == 0 or do_eval or bool(stop_signal)
         row_val = None
         if do_eval:
             val_loss = row_val = evaluate(engine, val, info)
@@ -312,7 +314,6 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
             )
         if row_val is not None:
             _log0(rank, f"step {step}: loss {means[0].item():.4f} val_loss {row_val:.4f}")
-        stop_signal = stop.agreed(info.device)  # a signal on any rank: all save now, then return
         if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps or stop_signal:
             for i, moe in enumerate(engine.module.moe_layers()):
                 pe.check_same_on_all_ranks(moe.gate.e_score_correction_bias, f"routing bias of MoE layer {i}")

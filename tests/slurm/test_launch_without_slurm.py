@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -96,6 +97,33 @@ def test_sigterm_saves_and_exits_0_then_resumes(tiny_data, tmp_path, sig):
     again = run_cli("train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}", f"train.steps={step + 2}")
     assert f"resumed from {run / 'checkpoints' / f'step_{step:08d}'} at step {step}" in again.stderr
     assert [r["step"] for r in rows(run)] == list(range(step + 3))
+
+
+def test_a_stop_between_logging_steps_still_logs_the_step_it_stopped_at(tiny_data, tmp_path):
+    """With rows every 1000 steps, a SIGTERM at step N leaves a row for step N (it used to leave
+    none: the curves in metrics.jsonl and W&B ended at the last logging step, not where the run
+    stopped and saved)."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train.cli", "train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}",
+         "train.steps=2000", "checkpoint.interval=1000", "logging.interval=1000", "train.eval_interval=1000"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for_step(run, 0, timeout_s=120)  # the first evaluation's row: training starts
+        time.sleep(3)  # some steps in, none of them a logging step
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    saved = [line for line in err.splitlines() if line.startswith("SIGTERM/SIGINT: saved a checkpoint at step")]
+    step = int(saved[0].split("step ")[1].split(",")[0])
+    logged = rows(run)
+    assert 0 < step < 1000 and [r["step"] for r in logged] == [0, step], (step, logged)
+    assert logged[-1]["loss"] is not None and logged[-1]["val_loss"] is None
 
 
 def _processes_naming(text: str) -> list[int]:
