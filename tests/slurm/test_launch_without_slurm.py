@@ -65,29 +65,36 @@ def test_launch_local_trains_two_ranks(tiny_data, tmp_path):
     assert (run / "checkpoints" / "step_00000003" / "dsv3_meta.json").is_file()
 
 
+def _train_then_signal(run, overrides: list[str], sig, after_step: int, wait_s: float = 0.0):
+    """`dsv3 train` of 2000 steps into `run`, sent `sig` once metrics.jsonl has a row at `after_step`
+    (and wait_s more seconds); returns (exit status, stdout, stderr, the step it saved at)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train.cli", "train", "configs/smoke.yaml", *overrides, f"train.run_dir={run}",
+         "train.steps=2000", "checkpoint.interval=1000"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for_step(run, after_step, timeout_s=120)
+        time.sleep(wait_s)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    saved = [line for line in err.splitlines() if line.startswith("SIGTERM/SIGINT: saved a checkpoint at step")]
+    assert len(saved) == 1, err[-3000:]
+    return proc.returncode, out, err, int(saved[0].split("step ")[1].split(",")[0])
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_saves_and_exits_0_then_resumes(tiny_data, tmp_path, sig):
     """kill -TERM (or Ctrl-C) a plain `dsv3 train`: it saves at the next step and exits 0, saying where
     it stopped and which step its latest val_loss is from, without the closing sample; a rerun
     resumes there."""
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "train.cli", "train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}",
-         "train.steps=2000", "checkpoint.interval=1000", "train.sample_tokens=4"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        wait_for_step(run, 3, timeout_s=120)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    saved = [line for line in err.splitlines() if line.startswith("SIGTERM/SIGINT: saved a checkpoint at step")]
-    assert len(saved) == 1, err[-3000:]
-    step = int(saved[0].split("step ")[1].split(",")[0])
+    code, out, err, step = _train_then_signal(run, [*tiny_data, "train.sample_tokens=4"], sig, after_step=3)
+    assert code == 0, err[-3000:]
     assert 3 <= step < 2000
     evals = [r for r in rows(run) if r.get("val_loss") is not None]  # train.eval_interval=3
     assert f"stopped at step {step} of 2000 (SIGTERM/SIGINT); the latest val_loss {evals[-1]['val_loss']:.4f} " \
@@ -104,23 +111,10 @@ def test_a_stop_between_logging_steps_still_logs_the_step_it_stopped_at(tiny_dat
     none: the curves in metrics.jsonl and W&B ended at the last logging step, not where the run
     stopped and saved)."""
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "train.cli", "train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={run}",
-         "train.steps=2000", "checkpoint.interval=1000", "logging.interval=1000", "train.eval_interval=1000"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        wait_for_step(run, 0, timeout_s=120)  # the first evaluation's row: training starts
-        time.sleep(3)  # some steps in, none of them a logging step
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    saved = [line for line in err.splitlines() if line.startswith("SIGTERM/SIGINT: saved a checkpoint at step")]
-    step = int(saved[0].split("step ")[1].split(",")[0])
+    # the step-0 evaluation's row says training has started; 3 s later it is some steps in
+    code, _, err, step = _train_then_signal(run, [*tiny_data, "logging.interval=1000", "train.eval_interval=1000"],
+                                            signal.SIGTERM, after_step=0, wait_s=3)
+    assert code == 0, err[-3000:]
     logged = rows(run)
     assert 0 < step < 1000 and [r["step"] for r in logged] == [0, step], (step, logged)
     assert logged[-1]["loss"] is not None and logged[-1]["val_loss"] is None
