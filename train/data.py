@@ -215,11 +215,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def find_eod_id(tok: Tokenizer, where: str) -> tuple[str, int]:
+def eod_token(tok: Tokenizer) -> tuple[str, int] | None:
+    """(name, id) of the first of EOD_CANDIDATES the tokenizer has, or None."""
     for name in EOD_CANDIDATES:
         tid = tok.token_to_id(name)
         if tid is not None:
             return name, tid
+    return None
+
+
+def find_eod_id(tok: Tokenizer, where: str) -> tuple[str, int]:
+    found = eod_token(tok)
+    if found is not None:
+        return found
     raise ConfigError("data.tokenizer", where, f"has no end-of-document token (looked for {', '.join(EOD_CANDIDATES)})")
 
 
@@ -626,8 +634,8 @@ class _StridedShard:
     sample bad. `open` returns None where the first and last members do not fit the layout; the
     caller indexes such a shard instead."""
 
-    def __init__(self, fd: int, path: Path, n: int, first: int, stride: int, size: int):
-        self.fd, self.path, self.n, self.first, self.stride, self.size = fd, path, n, first, stride, size
+    def __init__(self, fd: int, n: int, first: int, stride: int, size: int):
+        self.fd, self.n, self.first, self.stride, self.size = fd, n, first, stride, size
 
     @classmethod
     def open(cls, path: Path, n: int, first: int) -> _StridedShard | None:
@@ -643,7 +651,7 @@ class _StridedShard:
         if not fits:
             os.close(fd)
             return None
-        return cls(fd, path, n, first, stride, size)
+        return cls(fd, n, first, stride, size)
 
     def __len__(self) -> int:
         return self.n
@@ -683,9 +691,8 @@ class TokenSamples:
 
     Bad shards are skipped, not fatal (see the module docstring): a shard is checked (size
     against the manifest, then its layout or its index) when it is first opened to read, and each
-    sample when it is read; `bad_shards` counts the
-    distinct shards found bad so far, and a bad sample is replaced by the next good one in index
-    order.
+    sample when it is read; `bad_shards` counts the distinct shards found bad so far, and a bad
+    sample is replaced by the next good one in index order.
 
     `ranks` = (rank, world size, in-place all-reduce sum of an int64 CPU tensor) shares out the
     counting of shards without a manifest; None counts them all here.
@@ -812,9 +819,10 @@ class TokenSamples:
             self._open.move_to_end(k)
             return tar
         path, expected = self.shards[k]
-        if k not in self._checked:  # the first time: the manifest's size (a truncated or overwritten file)
-            actual, size = path.stat().st_size, self._sizes[k]
-            if size is not None and actual != size:
+        size = self._sizes[k]
+        if size is not None and k not in self._checked:  # the first time: a truncated or overwritten file
+            actual = path.stat().st_size
+            if actual != size:
                 raise BadShardError(f"{actual} bytes, the manifest says {size} (truncated or overwritten?)")
             self._checked.add(k)
         tar = None if self.pattern else _StridedShard.open(path, expected, self._ends[k] - expected)
@@ -982,7 +990,8 @@ def epoch_order(n: int, seed: int, epoch: int, positions: np.ndarray) -> np.ndar
     result is >= n ("cycle walking") restricts it to a permutation of [0, n), in under four
     applications on average. Time and memory follow the positions asked for, not n: the
     materialised alternative, a randperm per epoch, is 8 bytes per sample on every rank (29 GB
-    for the 3.6B samples of 14.8T tokens at seq_len 4096) and a minute of CPU to draw."""
+    for the 3.6B samples of 14.8T tokens at seq_len 4096) and took 13 s of CPU per 244M samples
+    on 2 cores."""
     if n <= 0:
         raise ValueError(f"no samples to order (n={n})")
     h = max(1, ((n - 1).bit_length() + 1) // 2)

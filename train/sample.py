@@ -10,7 +10,7 @@ from model import ConfigError, DeepSeekV3
 
 from . import checkpoint as ckpt_io
 from .config import Config, load_config
-from .data import EOD_CANDIDATES
+from .data import EOD_CANDIDATES, eod_token
 
 
 def resolve_run(run_dir: str | Path, checkpoint: str | None = None) -> tuple[Config, Path]:
@@ -79,7 +79,8 @@ def sample_text(run_dir: str | Path, prompt: str, max_new_tokens: int = 80, temp
         raise FileNotFoundError(f"{tok_file}: the run has no tokenizer (copied at the start of training from beside "
                                 "the data's manifest or, for data.train_shards, the shards)")
     tok = Tokenizer.from_file(str(tok_file))
-    stop = next((tok.token_to_id(name) for name in EOD_CANDIDATES if tok.token_to_id(name) is not None), None)
+    eod = eod_token(tok)
+    stop = eod[1] if eod is not None else None
     ids = tok.encode(prompt).ids
     if not ids:  # an empty prompt: start where every training document starts, after an end of document
         if stop is None:
