@@ -1096,16 +1096,19 @@ class BatchStream:
         but the order is a new one, so this epoch's remaining samples are not the old ones."""
         self.consumed = int(state["consumed"])
         self.seed = int(state["seed"])
+        reasons = []
         order = state.get("order", "randperm")  # (checkpoints from before the order was kept)
         if order != ORDER:
-            return (f"the checkpoint's {self.samples.split} samples were drawn in another order ({order}, now "
-                    f"{ORDER}): continuing at sample {self.consumed} of this order, so some samples of this epoch "
-                    "may repeat or be skipped")
-        if "fingerprint" not in state or state["fingerprint"] == self.samples.fingerprint:
-            return None  # the same data (or a checkpoint from before fingerprints were kept)
-        return (f"the {self.samples.split} data differ from the checkpoint's ({state['samples']} samples, layout "
-                f"{state['fingerprint']}; now {len(self.samples)}, {self.samples.fingerprint}): continuing at "
-                f"sample {self.consumed} of the new order, so some samples of this epoch may repeat or be skipped")
+            reasons.append(f"its samples were drawn in another order ({order}, now {ORDER})")
+        if "fingerprint" in state and state["fingerprint"] != self.samples.fingerprint:
+            # (a checkpoint from before fingerprints were kept cannot tell)
+            reasons.append(f"the data differ ({state['samples']} samples, layout {state['fingerprint']}; "
+                           f"now {len(self.samples)}, {self.samples.fingerprint})")
+        if not reasons:
+            return None
+        return (f"the checkpoint's {self.samples.split} stream does not continue here: {'; and '.join(reasons)}. "
+                f"Continuing at sample {self.consumed} of this order, so some samples of this epoch may repeat "
+                "or be skipped")
 
 
 def eval_batches(samples: TokenSamples, n_batches: int, batch_size: int, rank: int, world_size: int,

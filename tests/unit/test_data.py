@@ -508,6 +508,11 @@ def test_resuming_on_other_data_is_said(prepared, train_samples):
         warning = moved.load_state_dict(state)
     assert moved.consumed == 10
     assert warning and f"{len(train_samples)} samples" in warning and train_samples.fingerprint in warning
+    assert "another order" not in warning
+    state.pop("order")  # and drawn in another order too: both are said
+    with TokenSamples(prepared[0], "val") as other:
+        warning = BatchStream(other, 11, 0, 1, 2).load_state_dict(state)
+    assert "another order (randperm" in warning and train_samples.fingerprint in warning
 
 
 def test_eval_batches_split_by_sample(prepared):
