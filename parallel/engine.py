@@ -115,8 +115,8 @@ def build_engine(model: DeepSeekV3, cfg, info: DistInfo):
     (engine, layout)."""
     import deepspeed
 
-    precision = cfg.model.precision
-    bf16 = precision == "bf16"  # fp8 keeps DeepSpeed in fp32: fp32 master weights and grads (parallel/fp8.py)
+    # fp8 keeps DeepSpeed in fp32 (fp32 module weights are the master) unless fp8.weights=bf16
+    bf16 = cfg.bf16_weights
     layout = build_expert_layout(cfg.parallel.ep, cfg.model.n_routed_experts)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     apply_expert_parallel(model, layout)

@@ -33,10 +33,14 @@ head, MoE gating modules, normalization operators, and attention operators"):
     per-tensor recipes multiples of 16 (576 passes both). `plan_fp8` lists every decision and
     its reason; `apply_fp8(..., verbose=True)` prints them.
 
-Precision of everything else: master weights and gradients stay fp32 (DeepSpeed runs in fp32 for
-precision=fp8; the optimizer sees the same fp32 parameters). On CPU that is all: emulated FP8
-GEMMs, fp32 elsewhere. On GPU, `autocast` adds torch bf16 autocast, so activations and the
-high-precision GEMMs run in bf16 while the FP8 GEMMs quantise from them.
+Precision of everything else: master weights and gradients stay fp32. `fp8.weights` says where
+the masters live. fp32 (the default): DeepSpeed runs in fp32 for precision=fp8, the module
+weights are the masters and the optimizer sees them; on CPU that is all, emulated FP8 GEMMs and
+fp32 elsewhere. bf16: DeepSpeed's bf16 engine, exactly as for precision=bf16: bf16 module weights
+(what the FP8 GEMMs quantise from, and the high-precision GEMMs use), fp32 masters, moments and
+gradient accumulation in ZeRO-2's partitions, half the weight memory on every rank (`dsv3 plan`).
+On GPU, `autocast` adds torch bf16 autocast, so activations and the high-precision GEMMs run in
+bf16 while the FP8 GEMMs quantise from them.
 
 Activation checkpointing under TE: torch's checkpoint reruns a block in backward, after
 te.fp8_autocast has exited. `apply_fp8` gives the model a checkpoint context that re-enters it
@@ -50,7 +54,10 @@ copy of each weight from the first micro-batch of an optimizer step and reuse it
 since weights change only at the step. The loop passes `first_microbatch=(i == 0)` to `autocast`,
 which the TE modules here forward as `is_first_microbatch`: True recasts and caches, False reuses
 the cache, and evaluation passes None (cast afresh, cache untouched), so a cast is never reused
-across an optimizer step or into eval. The emulated backend recasts every call (no cache).
+across an optimizer step or into eval. The cache holds ~2 B per GEMM parameter (row- and
+column-wise FP8 copies) for the whole run; `fp8.weight_cache: false` passes None always, so
+each forward casts afresh and, with activation checkpointing, the copies live one block at a
+time. The emulated backend recasts every call (no cache).
 
 State dicts do not change: FP8Linear subclasses nn.Linear and shares the parameter objects; the
 TE modules keep `weight`, drop TE's `_extra_state` (recipe metadata and, for delayed scaling,
@@ -98,6 +105,7 @@ class FP8State:
     device: torch.device
     te_recipe: object | None = None  # the TE recipe object (te backend)
     first_microbatch: bool | None = None  # read by the TE modules during a forward
+    weight_cache: bool = True  # fp8.weight_cache: False turns every first_microbatch into None
 
 
 @dataclass
@@ -242,10 +250,10 @@ def no_extra_state_class(base: type) -> type:
 
 
 def swap_linear(linear: nn.Linear, linear_cls: type, state: FP8State, row_align: int, device) -> nn.Module:
-    """A `linear_cls` (TE Linear signature) with `linear`'s weights copied in, fp32 parameters."""
+    """A `linear_cls` (TE Linear signature) with `linear`'s weights copied in, in their dtype."""
     new = row_aligned_linear_class(linear_cls)(
         linear.in_features, linear.out_features, bias=linear.bias is not None,
-        params_dtype=torch.float32, device=device,
+        params_dtype=linear.weight.dtype, device=device,
     )
     with torch.no_grad():
         new.weight.copy_(linear.weight)
@@ -288,8 +296,9 @@ class GroupedLinearExperts(RoutedExperts):
         n, two_i, hidden = experts.gate_up_proj.shape
         self.num_weights = n  # experts held here (an expert-parallel shard's local ones)
         cls = no_extra_state_class(grouped_linear_cls)
-        self.gate_up = cls(n, hidden, two_i, bias=False, params_dtype=torch.float32, device=device)
-        self.down = cls(n, two_i // 2, hidden, bias=False, params_dtype=torch.float32, device=device)
+        dtype = experts.gate_up_proj.dtype
+        self.gate_up = cls(n, hidden, two_i, bias=False, params_dtype=dtype, device=device)
+        self.down = cls(n, two_i // 2, hidden, bias=False, params_dtype=dtype, device=device)
         with torch.no_grad():
             for e in range(n):
                 getattr(self.gate_up, f"weight{e}").copy_(experts.gate_up_proj[e])
@@ -334,7 +343,7 @@ def _grouped_linear_shard_class(shard_cls: type) -> type:
 def grouped_linear_experts(experts: RoutedExperts, grouped_linear_cls: type, state: FP8State, row_align: int,
                            device) -> GroupedLinearExperts:
     """`experts` (RoutedExperts, or an expert-parallel shard of it) with its GEMMs in
-    `grouped_linear_cls` (TE GroupedLinear signature), weights copied, fp32 parameters."""
+    `grouped_linear_cls` (TE GroupedLinear signature), weights copied in their dtype."""
     cls = GroupedLinearExperts if type(experts) is RoutedExperts else _grouped_linear_shard_class(type(experts))
     return cls(experts, grouped_linear_cls, state, row_align, device)
 
@@ -396,7 +405,7 @@ def apply_fp8(model: nn.Module, cfg, device: torch.device | str, verbose: bool =
     backend, recipe = cfg.fp8.backend, cfg.fp8.recipe
     te, te_recipe = _require_te(device, recipe) if backend == "te" else (None, None)
     plan = plan_fp8(model, backend, recipe)
-    state = FP8State(backend, recipe, device, te_recipe)
+    state = FP8State(backend, recipe, device, te_recipe, weight_cache=cfg.fp8.weight_cache)
     for name in plan.fp8:
         module = model.get_submodule(name)
         if backend == "emulated":
@@ -422,13 +431,14 @@ def autocast(model: nn.Module, first_microbatch: bool | None = None):
 
     fp8 on GPU: torch bf16 autocast, plus TE's fp8_autocast with the run's recipe for the te
     backend; `first_microbatch` (True on an optimizer step's first micro-batch, False on the
-    others, None for eval) reaches TE as `is_first_microbatch`. Anything else (fp32/bf16 runs, or
-    emulated FP8 on CPU) gets a context that does nothing. Run backward outside it.
+    others, None for eval) reaches TE as `is_first_microbatch`; with fp8.weight_cache=false it is
+    always None (cast afresh, nothing cached). Anything else (fp32/bf16 runs, or emulated FP8 on
+    CPU) gets a context that does nothing. Run backward outside it.
     """
     state = getattr(model, "fp8_state", None)
     if state is None:
         return contextlib.nullcontext()
-    return _fp8_context(state, first_microbatch)
+    return _fp8_context(state, first_microbatch if state.weight_cache else None)
 
 
 def _checkpoint_contexts(state: FP8State):

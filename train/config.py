@@ -93,7 +93,7 @@ class TrainConfig:
     sample_tokens: int = 80
     # Recompute each decoder block (and MTP module) in backward, keeping only block inputs: about one
     # block's activations instead of all of them, for one more forward per step (`dsv3 plan` counts it).
-    # Not with model.precision=fp8 on fp8.backend=te: an error when train or bench builds the model.
+    # Under fp8.backend=te the recompute re-enters TE's fp8_autocast; not with fp8.recipe=delayed.
     activation_checkpointing: bool = False
 
 
@@ -112,6 +112,16 @@ class ParallelConfig:
 class FP8Config:
     backend: str = "emulated"  # te | emulated
     recipe: str = "blockwise"  # blockwise | current | delayed | mxfp8
+    # The module weights the FP8 GEMMs quantise from. fp32: DeepSpeed runs in fp32 and the module
+    # weights are the master (4 B/param on every rank). bf16: DeepSpeed's bf16 engine, as
+    # model.precision=bf16 runs it: bf16 module weights (2 B), fp32 master weights, moments and
+    # gradient accumulation in ZeRO-2's partitions (so it needs parallel.zero_stage=2).
+    weights: str = "fp32"  # fp32 | bf16
+    # fp8.backend=te: keep each weight's FP8 copies from an optimizer step's first micro-batch for
+    # the others (TE's is_first_microbatch; saves a cast per micro-batch, costs ~2 B per GEMM
+    # parameter for the whole run). false: cast afresh in every forward, so with activation
+    # checkpointing the copies live one block at a time. The emulated backend always casts afresh.
+    weight_cache: bool = True
 
 
 @dataclass
@@ -168,6 +178,12 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
+    @property
+    def bf16_weights(self) -> bool:
+        """Module weights in bf16 on DeepSpeed's bf16 engine (fp32 masters in the optimizer):
+        model.precision=bf16, or fp8 with fp8.weights=bf16."""
+        return self.model.precision == "bf16" or (self.model.precision == "fp8" and self.fp8.weights == "bf16")
+
     def validate(self) -> None:
         """Checks across fields and sections (ModelConfig checks itself)."""
         self.model.validate()
@@ -185,12 +201,14 @@ class Config:
             )
         if p.zero_stage not in (0, 1, 2):
             raise ConfigError("parallel.zero_stage", p.zero_stage, "0, 1 or 2 (ZeRO-3 does not combine with MoE)")
-        if self.model.precision == "bf16" and p.zero_stage != 2:
+        _choice("fp8.weights", self.fp8.weights, ("fp32", "bf16"))
+        if self.bf16_weights and p.zero_stage != 2:
             # DeepSpeed accumulates bf16 models' gradients in fp32 (data_types.grad_accum_dtype) with
             # the ZeRO-2 optimizer only: ZeRO-0 refuses the setting, ZeRO-1 switches to an optimizer
             # whose clipping norm (and skip-step check) parallel.engine does not correct for experts.
+            what = "model.precision=bf16" if self.model.precision == "bf16" else "fp8.weights=bf16"
             raise ConfigError("parallel.zero_stage", p.zero_stage,
-                              "2 with model.precision=bf16: only ZeRO-2 accumulates and reduces bf16 models' "
+                              f"2 with {what}: only ZeRO-2 accumulates and reduces bf16 models' "
                               "gradients in fp32 (others would sum micro-batch gradients in bf16)")
         if p.ep <= 0 or self.model.n_routed_experts % p.ep:
             raise ConfigError("parallel.ep", p.ep, f"must divide model.n_routed_experts={self.model.n_routed_experts}")

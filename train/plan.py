@@ -14,24 +14,28 @@ inside it, DeepSpeed ZeRO 0-2; no tensor or pipeline parallelism), world = launc
 GPUs per node:
 
 * weights: dense parameters whole on every GPU, routed experts divided by parallel.ep.
-  Bytes per parameter: fp32 4; bf16 2; fp8 4 + 2. For fp8 this system keeps DeepSpeed in fp32
-  (parallel/fp8.py), so the module weights are fp32 and are themselves the master; on top, every
-  GEMM weight (all but the embedding, norms and the fp32 router) has a 2-byte working copy that
-  lives from the first micro-batch's forward to the step: TE's FP8 weight cache holds it twice,
-  row- and column-wise, for the FP8 GEMMs, and backward keeps the bf16 autocast copy for the
-  GEMMs that stay in BF16 (the output head). The report's own layout, FP8 primary weights
-  (1-2 B) with the fp32 masters only in the partitioned optimizer, needs TE's FP8 parameters,
-  which this system does not create; counting it here would say "fits" for a layout that runs
-  out of memory.
+  Bytes per parameter: fp32 4; bf16 2; fp8 4 with `fp8.weights: fp32` (DeepSpeed in fp32, the
+  module weights are the master) or 2 with `fp8.weights: bf16` (DeepSpeed's bf16 engine, the
+  master in the optimizer). On top, for fp8 (as TE runs it), working copies of the GEMM weights
+  (all but the embedding, norms and the fp32 router), 2 B each: TE's FP8 copies, row- and
+  column-wise. With `fp8.weight_cache` they live for the whole run, and without activation
+  checkpointing each micro-batch's forward keeps them for its backward: 2 B per GEMM weight.
+  With the cache off and activation checkpointing they live one block at a time: 2 B per GEMM
+  weight of the largest block, plus, with fp32 weights, the bf16 autocast copy of the output
+  head (which stays BF16), kept from forward to backward. FP8 primary weights (TE's FP8
+  parameters, 1-2 B with no high-precision module weight at all) are not built here.
 * grads: fp32, 4 B per parameter at every precision (the report keeps weight gradients in FP32;
   DeepSpeed's bf16 path accumulates them in fp32 too), partitioned only at ZeRO-2.
-* optimizer states: fp32 master weights (none extra for fp32 and fp8 training: the module
-  weights are the master) + two fp32 AdamW moments, partitioned at ZeRO ≥ 1.
+* optimizer states: fp32 master weights (none extra for fp32 training, nor for fp8 with fp32
+  weights: the module weights are the master) + two fp32 AdamW moments, partitioned at ZeRO ≥ 1.
   ZeRO partitions over the data-parallel group of each parameter: dense over all `world` GPUs,
   experts over the world/ep GPUs holding the same expert shard (the expert-data group).
 * activations: one micro-batch (train.micro_batch_size × data.seq_len tokens) in flight, counted
   per block from the tensors backward needs (flash-style attention, no S×S scores stored), plus
-  the logits and their fp32 softmax per output head (1 + MTP depth). With
+  the output heads (1 + MTP depth). The fused head and loss (model/loss.py, the default) forms
+  each head's gradients in its forward and keeps them to backward: an fp32 (vocab × hidden) dW
+  and the (tokens × hidden) dh per head, and while a head runs its chunk buffers and a partial
+  dW; the reference (model.loss_chunk_size=0) keeps each head's logits and fp32 softmax. With
   train.activation_checkpointing only each block's input is kept and one block is recomputed at
   a time. Activations are held in the compute dtype (bf16 for bf16 and fp8: the report's FP8
   caching of some activations would lower this; fp32 on CPU).
@@ -50,6 +54,7 @@ import copy
 import torch
 
 from model import ConfigError, DeepSeekV3, ModelConfig, is_stacked_expert_weight
+from model.transformer import block_of
 
 from .checkpoint import largest_write_elements
 from .config import Config
@@ -63,25 +68,33 @@ FLOP_CONVENTION = ("6*N + 3*L*H*(qk_head_dim + v_head_dim)*S per token, forward+
 def _parameter_groups(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts by how they are stored: routed experts vs dense, and which dense
     weights feed a low-precision GEMM (for fp8: all but the embedding lookup, the norms and the
-    router, whose matmul runs in fp32)."""
+    router, whose matmul runs in fp32), the output head, and per block (decoder layer or MTP
+    module) its [dense GEMM, routed-expert] parameters."""
     with torch.device("meta"):
         model = DeepSeekV3(cfg)
     counts = model.parameter_counts()
-    groups = {"expert": 0, "dense": 0, "dense_gemm": 0}
+    groups = {"expert": 0, "dense": 0, "dense_gemm": 0, "head": 0}
     sizes = {"dense": {}, "expert": {}}  # per tensor, for the checkpoint's writing plan
+    blocks: dict[tuple[int, int], list[int]] = {}
     for name, p in model.named_parameters():
         n = p.numel()
+        where = block_of(name)
+        block = blocks.setdefault(where, [0, 0]) if where[0] else [0, 0]
         if is_stacked_expert_weight(name):
             groups["expert"] += n
             sizes["expert"][name] = n
+            block[1] += n
             continue
         groups["dense"] += n
         sizes["dense"][name] = n
+        if name == "lm_head.weight":
+            groups["head"] += n
         if not (p.dim() < 2 or name.startswith("embed_tokens.") or ".mlp.gate." in name):
             groups["dense_gemm"] += n
+            block[0] += n
     saved_buffers = sum(b.numel() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias"))
     return {**groups, "total": counts["total"], "mtp": counts["mtp"], "active": counts["active"],
-            "sizes": sizes, "saved_buffers": saved_buffers}
+            "sizes": sizes, "saved_buffers": saved_buffers, "blocks": list(blocks.values())}
 
 
 def _activation_bytes_per_token(cfg: ModelConfig, act_bytes: int) -> dict[str, float]:
@@ -104,8 +117,9 @@ def _activation_bytes_per_token(cfg: ModelConfig, act_bytes: int) -> dict[str, f
     dense_block = (attn + dense_mlp) * act_bytes
     moe_block = (attn + moe_mlp) * act_bytes + router
     mtp_extra = 4 * d * act_bytes  # two input norms and the 2d concat that eh_proj reads
-    # each head's logits in the compute dtype plus the fp32 softmax the cross-entropy keeps
-    head = cfg.vocab_size * (act_bytes + 4)
+    # reference loss: each head's logits in the compute dtype plus the fp32 softmax it keeps;
+    # fused: each head's dh (its dW is per micro-batch, not per token: activation_bytes)
+    head = cfg.vocab_size * (act_bytes + 4) if cfg.loss_chunk_size == 0 else d * act_bytes
     return {"dense_block": dense_block, "moe_block": moe_block, "mtp_block": moe_block + mtp_extra,
             "head": head, "block_input": d * act_bytes}
 
@@ -128,16 +142,24 @@ def activation_bytes(cfg: Config) -> float:
     else:
         per_token = (n_dense * per["dense_block"] + n_moe * per["moe_block"] + depth * per["mtp_block"]
                      + heads + embedding)
-    return per_token * cfg.train.micro_batch_size * cfg.data.seq_len
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    fixed = 0
+    if mc.loss_chunk_size > 0:  # fused: dW (fp32) per head, then one head's chunk buffers and partial dW
+        v, d = mc.vocab_size, mc.hidden_size
+        chunk = min(mc.loss_chunk_size, tokens)
+        fixed = (1 + depth) * v * d * 4 + chunk * v * (act_bytes + (0 if act_bytes == 4 else 4))
+        fixed += 0 if act_bytes == 4 else v * d * act_bytes
+    return per_token * tokens + fixed
 
 
-def _bytes_per_param(precision: str) -> dict[str, float]:
-    """weight: every parameter; gemm_copy: extra per GEMM weight (fp8's working copies)."""
-    if precision == "fp32":
+def _bytes_per_param(cfg: Config) -> dict[str, float]:
+    """weight: every parameter (2 where the module weights are bf16, the fp32 master then in the
+    optimizer); gemm_copy: fp8's working copies per GEMM weight (see the module docstring)."""
+    if cfg.model.precision == "fp32":
         return {"weight": 4, "gemm_copy": 0, "grad": 4, "master": 0, "moments": 8}
-    if precision == "bf16":
-        return {"weight": 2, "gemm_copy": 0, "grad": 4, "master": 4, "moments": 8}
-    return {"weight": 4, "gemm_copy": 2, "grad": 4, "master": 0, "moments": 8}  # fp8, as this system runs it
+    bf16 = cfg.bf16_weights
+    return {"weight": 2 if bf16 else 4, "gemm_copy": 2 if cfg.model.precision == "fp8" else 0, "grad": 4,
+            "master": 4 if bf16 else 0, "moments": 8}
 
 
 def memory_per_gpu(cfg: Config, groups: dict[str, int], world: int) -> dict[str, float]:
@@ -147,11 +169,15 @@ def memory_per_gpu(cfg: Config, groups: dict[str, int], world: int) -> dict[str,
     if world % ep:
         raise ConfigError("parallel.ep", ep, f"must divide the number of GPUs ({world})")
     expert_dp = world // ep  # GPUs holding the same expert shard: ZeRO's group for expert params
-    b = _bytes_per_param(cfg.model.precision)
+    b = _bytes_per_param(cfg)
     expert_local = groups["expert"] / ep  # expert params this GPU holds
     dense = groups["dense"]
 
-    weights = (dense + expert_local) * b["weight"] + (groups["dense_gemm"] + expert_local) * b["gemm_copy"]
+    if cfg.fp8.weight_cache or not cfg.train.activation_checkpointing:
+        copied = groups["dense_gemm"] + expert_local  # every GEMM weight's copies at once
+    else:  # one block's at a time, and the head's autocast copy when the module weights are fp32
+        copied = max(g + e / ep for g, e in groups["blocks"]) + (0 if cfg.bf16_weights else groups["head"])
+    weights = (dense + expert_local) * b["weight"] + copied * b["gemm_copy"]
     grad_parts = (dense / world, expert_local / expert_dp) if stage >= 2 else (dense, expert_local)
     opt_parts = (dense / world, expert_local / expert_dp) if stage >= 1 else (dense, expert_local)
     grads = sum(grad_parts) * b["grad"]
@@ -220,6 +246,8 @@ def plan(cfg: Config, mfu: float = 0.4, peak_tflops: float = 989.0) -> dict:
             "nodes": cfg.launch.nodes, "gpus_per_node": per_node, "world_size": world,
             "ep": cfg.parallel.ep, "expert_data_parallel": world // cfg.parallel.ep,
             "zero_stage": cfg.parallel.zero_stage, "precision": mc.precision,
+            **({"fp8_weights": cfg.fp8.weights, "fp8_weight_cache": cfg.fp8.weight_cache}
+               if mc.precision == "fp8" else {}),
             "activation_checkpointing": cfg.train.activation_checkpointing,
             "micro_batch_size": cfg.train.micro_batch_size, "seq_len": seq,
             "global_batch_size": cfg.train.global_batch_size,
@@ -235,15 +263,23 @@ def _decimal_bytes(n: float) -> str:
     return f"{n / 1e3:.2f} KB"
 
 
+def _fp8_weights_note(lay: dict) -> str:
+    module = ("fp32 module weights (the master, 4 B/param)" if lay["fp8_weights"] == "fp32"
+              else "bf16 module weights (2 B/param; the fp32 master in the optimizer)")
+    copies = ("kept over each step (fp8.weight_cache)" if lay["fp8_weight_cache"]
+              else "cast afresh per forward, one block's at a time" if lay["activation_checkpointing"]
+              else "cast afresh per forward, kept to its backward")
+    return (f"fp8 weights as this system runs them: {module}, 2 B FP8 copies of each GEMM weight {copies}; "
+            "the report's FP8 primary weights are not built here")
+
+
 def format_plan(r: dict) -> str:
     """The plan as a few readable lines."""
     gib = 2**30
     m, lay = r["memory_per_gpu_bytes"], r["layout"]
     parts = ", ".join(f"{k} {m[k] / gib:.1f}" for k in ("weights", "grads", "optimizer_states", "activations"))
     verdict = "fits" if r["fits"] else "does NOT fit"
-    fp8_note = (["fp8 weights as this system runs them: fp32 module weights (the master, 4 B/param) plus a 2 B "
-                 "working copy of each GEMM weight; the report's FP8 primary weights are not built here"]
-                if lay["precision"] == "fp8" else [])
+    fp8_note = [_fp8_weights_note(lay)] if lay["precision"] == "fp8" else []
     return "\n".join([
         f"params: {human(r['params_total'])} total (+{human(r['params_mtp'])} MTP), "
         f"{human(r['params_active'])} active per token",

@@ -136,3 +136,20 @@ def test_smoke_fp8_within_half_percent_of_fp32(request, tmp_path):
     for key in ("final_val_loss", "last10_mean_loss"):
         mean = sum(g[key] for g in gaps) / len(gaps)
         assert abs(mean) < 0.005, (key, [g[key] for g in gaps])
+
+
+def test_fp8_on_bf16_weights_trains_and_resumes_exactly(tiny_data, tiny_runs, tmp_path):
+    """fp8.weights=bf16 (DeepSpeed's bf16 engine at ZeRO-2, the emulated FP8 GEMMs quantising from
+    bf16 module weights) through the CLI: a run stopped at step 2 and resumed equals the straight
+    one bit for bit, and its first loss is the fp32-weights FP8 run's up to bf16 rounding."""
+    over = ["model.precision=fp8", "fp8.backend=emulated", "fp8.weights=bf16", "parallel.zero_stage=2",
+            "checkpoint.interval=2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(tiny_data, straight, *over, steps=4)
+    for steps in (2, 4):
+        train(tiny_data, stopped, *over, steps=steps)
+    a = {r["step"]: r["loss"] for r in rows(straight) if r["loss"] is not None}
+    b = {r["step"]: r["loss"] for r in rows(stopped) if r["loss"] is not None}
+    assert sorted(a) == [1, 2, 3, 4] and a == b
+    fp32_weights = next(r["loss"] for r in rows(tiny_runs["fp8"]) if r["step"] == 1)
+    assert a[1] != fp32_weights and abs(a[1] - fp32_weights) < 0.01 * fp32_weights, (a[1], fp32_weights)

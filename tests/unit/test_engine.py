@@ -215,3 +215,44 @@ def test_routing_biases_survive_a_whole_module_bf16_cast():
     for moe, w in zip(model.moe_layers(), want):
         assert moe.gate.e_score_correction_bias.dtype == torch.float32
         assert torch.equal(moe.gate.e_score_correction_bias, w)
+
+
+FP8_BF16_WORKER = r"""
+import json, sys
+import torch
+from model import DeepSeekV3
+from model.linear import FP8Linear, fp8_grouped_mm
+from parallel import engine as pe
+from train.config import load_config
+
+cfg = load_config("configs/smoke.yaml", [*sys.argv[1:], "model.precision=fp8", "fp8.backend=emulated",
+                                         "fp8.weights=bf16", "parallel.zero_stage=2"])
+info = pe.init_distributed("cpu", 60)
+torch.manual_seed(0)
+engine, _ = pe.build_engine(DeepSeekV3(cfg.model), cfg, info)
+m = engine.module
+fp8 = [x for x in m.modules() if isinstance(x, FP8Linear)]
+x = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1))
+before = [x.weight.detach().clone() for x in fp8]
+loss = engine(x[:, :-1], x[:, 1:]).loss
+engine.backward(loss)
+engine.step()
+print(json.dumps({
+    "fp8_linears": len(fp8), "fp8_dtypes": sorted({str(x.weight.dtype) for x in fp8}),
+    "param_dtypes": sorted({str(p.dtype) for p in m.parameters()}),
+    "experts_fp8": all(e.gemm is fp8_grouped_mm for e in (moe.experts for moe in m.moe_layers())),
+    "masters": sorted({str(t.dtype) for t in engine.optimizer.single_partition_of_fp32_groups}),
+    "bias_dtypes": sorted({str(moe.gate.e_score_correction_bias.dtype) for moe in m.moe_layers()}),
+    "loss": loss.item(), "moved": all(not torch.equal(b, x.weight) for b, x in zip(before, fp8)),
+}))
+"""
+
+
+def test_fp8_on_bf16_weights_runs_the_bf16_engine():
+    """fp8.weights=bf16: the emulated FP8 GEMMs quantise from bf16 module weights while DeepSpeed's
+    ZeRO-2 optimizer keeps the fp32 masters (and the routing biases stay fp32); one step trains."""
+    report = _run_worker(FP8_BF16_WORKER, *TINY)
+    assert report["fp8_linears"] > 0 and report["experts_fp8"], report
+    assert report["fp8_dtypes"] == report["param_dtypes"] == ["torch.bfloat16"], report
+    assert report["masters"] == ["torch.float32"] and report["bias_dtypes"] == ["torch.float32"], report
+    assert report["loss"] == report["loss"] and report["moved"], report

@@ -435,6 +435,27 @@ def test_te_linear_adapter_pads_rows_passes_the_flag_and_keeps_the_state_dict():
     assert swapped.weight.abs().sum() == 0
 
 
+def test_te_adapters_keep_the_weights_dtype_and_cache_nothing_when_told():
+    """fp8.weights=bf16: the TE modules are built in the dtype of the weights they replace (the
+    bf16 engine's), and fp8.weight_cache=false turns every micro-batch flag into None (TE casts
+    afresh and keeps no FP8 copy between forwards)."""
+    lin = nn.Linear(32, 48, bias=False).bfloat16()
+    experts = RoutedExperts(3, 32, 16).bfloat16()
+    state = pf8.FP8State("emulated", "current", torch.device("cpu"), weight_cache=False)
+    swapped = pf8.swap_linear(lin, FakeTELinear, state, 16, "cpu")
+    wrapped = pf8.GroupedLinearExperts(experts, FakeGroupedLinear, state, 16, "cpu")
+    assert swapped.weight.dtype == torch.bfloat16 and torch.equal(swapped.weight, lin.weight)
+    assert {p.dtype for p in wrapped.parameters()} == {torch.bfloat16}
+    assert torch.equal(wrapped.state_dict()["down_proj"], experts.down_proj)
+    holder = nn.Module()
+    holder.fp8_state = state
+    FakeTELinear.seen.clear()
+    for first in (True, False, None):
+        with pf8.autocast(holder, first_microbatch=first):
+            swapped(torch.randn(16, 32, dtype=torch.bfloat16))
+    assert FakeTELinear.seen == [None, None, None]
+
+
 def test_grouped_linear_experts_match_routed_experts_and_keep_stacked_state():
     torch.manual_seed(6)
     experts = RoutedExperts(5, 32, 24)

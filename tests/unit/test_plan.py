@@ -39,20 +39,43 @@ def test_671b_flops_and_gpu_hours(v3):
     assert v3["tokens_per_step_ramp_start"] == 3072 * 4096
 
 
-def test_671b_fits_in_bf16_not_in_fp8_as_this_system_runs_it(v3):
+def test_671b_weights_by_precision_and_where_it_falls_short(v3):
     assert v3["layout"]["world_size"] == 1536 and v3["layout"]["ep"] == 64 and v3["layout"]["zero_stage"] == 2
-    # fp8 keeps fp32 module weights (DeepSpeed in fp32) plus 2-byte working copies of the GEMM
-    # weights: 27.8B local parameters x 4 B alone exceed 80 GB
-    assert v3["fits"] is False
-    text = format_plan(v3)
-    assert "-> does NOT fit" in text and "fp32 module weights (the master" in text  # and why
-    local = v3["params_dense"] + v3["params_expert"] / 64
-    assert v3["memory_per_gpu_bytes"]["weights"] > 4 * local
+    assert v3["layout"]["fp8_weights"] == "bf16" and v3["layout"]["fp8_weight_cache"] is False
+    local = v3["params_dense"] + v3["params_expert"] / 64  # 27.8B parameters on each GPU
+    # as configured: bf16 module weights, and FP8 copies of one block's GEMM weights at a time
+    # (no cache, activation checkpointing): under 1B parameters' worth
+    w = v3["memory_per_gpu_bytes"]["weights"]
+    assert 2 * local < w < 2 * local + 2 * 1e9
+    # fp32 module weights with the step-long FP8 cache: 4 B + 2 B per GEMM weight, far over 80 GB
+    cached = plan(load_config("configs/671b.yaml", ["fp8.weights=fp32", "fp8.weight_cache=true"]))
+    assert cached["memory_per_gpu_bytes"]["weights"] > 5.5 * local and not cached["fits"]
+    assert "fp32 module weights (the master" in format_plan(cached)
     bf16 = plan(load_config("configs/671b.yaml", ["model.precision=bf16"]))
-    assert bf16["fits"] is True
     assert bf16["memory_per_gpu_bytes"]["weights"] == pytest.approx(2 * local, rel=1e-6)
     fp32 = plan(load_config("configs/671b.yaml", ["model.precision=fp32"]))
     assert fp32["fits"] is False and fp32["memory_per_gpu_bytes"]["weights"] == pytest.approx(4 * local, rel=1e-6)
+    # the fused head keeps each head's fp32 (vocab x hidden) weight gradient from its forward to
+    # backward: two heads (main + MTP) at 129280 x 7168 are 7.4 GB, and with them neither bf16 nor
+    # fp8 fits this layout's 72 GiB (of 80)
+    held = 2 * 129280 * 7168 * 4
+    assert v3["memory_per_gpu_bytes"]["activations"] > held
+    assert not v3["fits"] and not bf16["fits"]
+    assert v3["memory_per_gpu_bytes"]["total"] - held < v3["usable_gpu_mem_bytes"]
+    text = format_plan(v3)
+    assert "-> does NOT fit" in text and "bf16 module weights" in text and "one block's at a time" in text
+
+
+def test_fused_head_counts_its_held_gradients_not_logits():
+    ref, fused = (plan(load_config("configs/16b.yaml", [f"model.loss_chunk_size={c}"])) for c in (0, 256))
+    mc = load_config("configs/16b.yaml").model
+    heads, tokens = 1 + mc.num_nextn_predict_layers, ref["layout"]["micro_batch_size"] * ref["layout"]["seq_len"]
+    logits = heads * tokens * mc.vocab_size * (2 + 4)  # reference: bf16 logits and their fp32 softmax
+    grads = heads * mc.vocab_size * mc.hidden_size * 4  # fused: fp32 dW per head, from forward to backward
+    dh = heads * tokens * mc.hidden_size * 2  # each head's bf16 input gradient, kept too
+    running = 256 * mc.vocab_size * (2 + 4) + mc.vocab_size * mc.hidden_size * 2  # one head's chunk buffers, partial dW
+    diff = ref["memory_per_gpu_bytes"]["activations"] - fused["memory_per_gpu_bytes"]["activations"]
+    assert diff == pytest.approx(logits - grads - dh - running, rel=1e-3), (diff, logits, grads)
 
 
 def test_plan_json_is_one_object_on_stdout():
@@ -129,5 +152,9 @@ def test_precision_and_activation_checkpointing():
     not_gemm = mc.vocab_size * mc.hidden_size + moe_blocks * mc.n_routed_experts * mc.hidden_size + norms
     gemm_local = bf16["params_dense"] - not_gemm + bf16["params_expert"] / 8
     assert w["fp8"]["weights"] == pytest.approx(w["fp32"]["weights"] + 2 * gemm_local, rel=1e-6)
+    # fp8 on bf16 weights: the bf16 engine's weights and optimizer states, plus the same copies
+    fp8_bf16 = _plan16("model.precision=fp8", "fp8.weights=bf16")["memory_per_gpu_bytes"]
+    assert fp8_bf16["weights"] == pytest.approx(w["bf16"]["weights"] + 2 * gemm_local, rel=1e-6)
+    assert fp8_bf16["optimizer_states"] == w["bf16"]["optimizer_states"]
     ckpt = _plan16("train.activation_checkpointing=true")["memory_per_gpu_bytes"]["activations"]
     assert ckpt < bf16["memory_per_gpu_bytes"]["activations"] / 3
