@@ -78,7 +78,7 @@ def _parameter_groups(cfg: ModelConfig) -> dict[str, int]:
     blocks: dict[tuple[int, int], list[int]] = {}
     for name, p in model.named_parameters():
         n = p.numel()
-        where = block_of(name)
+        where = block_of(name)  # (0, 0): outside the blocks, tallied nowhere
         block = blocks.setdefault(where, [0, 0]) if where[0] else [0, 0]
         if is_stacked_expert_weight(name):
             groups["expert"] += n
@@ -143,13 +143,14 @@ def activation_bytes(cfg: Config) -> float:
         per_token = (n_dense * per["dense_block"] + n_moe * per["moe_block"] + depth * per["mtp_block"]
                      + heads + embedding)
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
-    fixed = 0
-    if mc.loss_chunk_size > 0:  # fused: dW (fp32) per head, then one head's chunk buffers and partial dW
+    held = running = 0
+    if mc.loss_chunk_size > 0:  # the fused head (model/loss.py)
         v, d = mc.vocab_size, mc.hidden_size
-        chunk = min(mc.loss_chunk_size, tokens)
-        fixed = (1 + depth) * v * d * 4 + chunk * v * (act_bytes + (0 if act_bytes == 4 else 4))
-        fixed += 0 if act_bytes == 4 else v * d * act_bytes
-    return per_token * tokens + fixed
+        held = (1 + depth) * v * d * 4  # each head's fp32 dW, from its forward to backward
+        running = min(mc.loss_chunk_size, tokens) * v * (act_bytes + 4)  # a chunk's logits, fp32 log-softmax
+        if act_bytes < 4:
+            running += v * d * act_bytes  # and its low-precision partial dW
+    return per_token * tokens + held + running
 
 
 def _bytes_per_param(cfg: Config) -> dict[str, float]:
