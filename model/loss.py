@@ -23,6 +23,12 @@ as the reference rounds it.
 Backward then only scales dh and dW by the incoming gradient. Under no_grad (evaluation) the
 gradient work is skipped. The arithmetic is the reference's; results agree to fp32 rounding
 (tests/unit/test_loss.py checks loss and both gradients against the reference).
+
+The price is memory: each head's fp32 dW (V, d) lives from its forward to its backward, 3.7 GB
+per head at the 671B shape (129,280 × 7,168), twice with the MTP head. `recompute=True`
+(model.loss_recompute) keeps only each row's log-sum-exp instead and forms the same gradients
+in backward, computing each chunk's logits again (G_c = exp(logits_c - lse_c) - onehot): four
+GEMMs per chunk instead of three, and no (V, d) tensor held between forward and backward.
 """
 
 from __future__ import annotations
@@ -33,14 +39,55 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def _chunk_buffers(h: torch.Tensor, rows: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, fp32 log-probabilities) buffers for a chunk of `rows`, reused with out= for every
+    chunk: a fresh (c, V) tensor per op would page-fault on CPU (glibc hands large blocks back to
+    the OS on free) and fragment the CUDA cache. In fp32 on CPU they are one buffer (the second
+    overwrites the first in place, so the chunk's working set stays in cache)."""
+    logits_buf = h.new_empty(rows, vocab)  # compute dtype
+    if h.dtype == torch.float32 and h.device.type == "cpu":
+        return logits_buf, logits_buf
+    return logits_buf, torch.empty(rows, vocab, dtype=torch.float32, device=h.device)
+
+
+def _add_chunk_grads(grad: torch.Tensor, logits: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor,
+                     s_c: torch.Tensor, dh_c: torch.Tensor, dw: torch.Tensor, first: bool) -> None:
+    """One chunk's share of the gradients: grad = softmax - onehot (fp32, (c, V), overwritten),
+    s_c the rows' scale (c, 1); writes dh_c = s_c ∘ (grad W) and adds (s_c ∘ grad)ᵀ h_c to dw
+    (written when `first`)."""
+    if grad.dtype == h_c.dtype:  # fp32: G, dh and dW all fp32
+        # the rows' scale (0 on ignored rows) multiplies the (c, d) operand and result rather
+        # than the (c, V) G: a pass fewer over the largest tensor
+        torch.mm(grad, weight, out=dh_c).mul_(s_c)
+        # (out= forms: FlopCounterMode does not count addmm_)
+        if first:
+            torch.mm(grad.t(), h_c * s_c, out=dw)
+        else:
+            torch.addmm(dw, grad.t(), h_c * s_c, out=dw)
+    else:  # low-precision GEMMs as in the reference: s_c ∘ G in fp32, then cast; per-chunk
+        # partial dWs summed in fp32
+        grad = logits.copy_(grad.mul_(s_c))
+        torch.mm(grad, weight, out=dh_c)
+        part = grad.t() @ h_c
+        if first:
+            dw.copy_(part)
+        else:
+            dw += part
+
+
+def _row_scale(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(valid rows, 1/n on them and 0 on ignored rows: the mean's gradient in one factor, targets
+    with ignored rows pointed at token 0)."""
+    valid = targets != IGNORE_INDEX
+    return valid, valid.to(torch.float32) / valid.sum(), targets.clamp_min(0)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
+    """Gradients formed in the forward, while each chunk's softmax is at hand; backward scales them."""
+
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
-        valid = targets != IGNORE_INDEX
-        n_valid = valid.sum()
-        # 1/n on the rows that count, 0 on ignored rows: the mean's gradient in one factor
-        row_scale = valid.to(torch.float32) / n_valid
-        safe_targets = targets.clamp_min(0)
+        valid, row_scale, safe_targets = _row_scale(targets)
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         rows_max, vocab = min(chunk, h.shape[0]), weight.shape[0]
@@ -48,13 +95,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dh = torch.empty_like(h)
             dw = torch.empty_like(weight, dtype=torch.float32)  # the first chunk writes, the rest add
             minus_one = torch.full((rows_max, 1), -1.0, dtype=torch.float32, device=h.device)
-        # Chunk buffers reused with out=: a fresh (c, V) tensor per op would page-fault on CPU
-        # (glibc hands large blocks back to the OS on free) and fragment the CUDA cache. In fp32
-        # on CPU the log-softmax overwrites the logits (one (c, V) buffer, not two: the chunk's
-        # working set stays in cache); elsewhere it goes to a second, fp32 buffer.
-        logits_buf = h.new_empty(rows_max, vocab)  # compute dtype
-        in_place = h.dtype == torch.float32 and h.device.type == "cpu"
-        logp_buf = logits_buf if in_place else torch.empty(rows_max, vocab, dtype=torch.float32, device=h.device)
+        logits_buf, logp_buf = _chunk_buffers(h, rows_max, vocab)
         for start in range(0, h.shape[0], chunk):
             rows = slice(start, start + chunk)
             h_c, t_c = h[rows], safe_targets[rows, None]
@@ -63,31 +104,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss_sum -= (logp.gather(1, t_c).squeeze(1) * valid[rows]).sum()
             if not want_grad:
                 continue
-            s_c = row_scale[rows, None]
             grad = logp.exp_()  # softmax, in place of logp
             grad.scatter_add_(1, t_c, minus_one[: h_c.shape[0]])  # minus the one-hot
-            if grad.dtype == h.dtype:  # fp32: G, dh and dW all fp32
-                # the rows' 1/n (0 on ignored rows) multiplies the (c, d) operand and result
-                # rather than the (c, V) G: a pass fewer over the largest tensor
-                torch.mm(grad, weight, out=dh[rows]).mul_(s_c)
-                # (out= forms: FlopCounterMode does not count addmm_)
-                if start == 0:
-                    torch.mm(grad.t(), h_c * s_c, out=dw)
-                else:
-                    torch.addmm(dw, grad.t(), h_c * s_c, out=dw)
-            else:  # low-precision GEMMs as in the reference: G/n in fp32, then cast; per-chunk
-                # partial dWs summed in fp32
-                grad = logits.copy_(grad.mul_(s_c))
-                torch.mm(grad, weight, out=dh[rows])
-                part = grad.t() @ h_c
-                if start == 0:
-                    dw.copy_(part)
-                else:
-                    dw += part
+            _add_chunk_grads(grad, logits, h_c, weight, row_scale[rows, None], dh[rows], dw, start == 0)
         # kept on ctx, not saved: they are results, and backward scales them in place
         ctx.dh, ctx.dw = (dh, dw) if want_grad else (None, None)
         ctx.weight_dtype = weight.dtype
-        return loss_sum / n_valid
+        return loss_sum / valid.sum()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
@@ -95,8 +118,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if dh is None:
             raise RuntimeError(
                 "backward through the fused head and loss ran twice: its gradients are computed in the "
-                "forward and handed over once (retain_graph / double backward need model.loss_chunk_size=0, "
-                "the reference path)")
+                "forward and handed over once (retain_graph / double backward need model.loss_recompute=true, "
+                "or model.loss_chunk_size=0, the reference path)")
         ctx.dh = ctx.dw = None
         # the loss is usually the root of backward (grad 1): skip two passes where checking is free
         if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
@@ -105,11 +128,55 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw.to(ctx.weight_dtype), None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 256):
+class _LinearCrossEntropyRecompute(torch.autograd.Function):
+    """Gradients formed in backward from each chunk's logits computed again: the forward keeps
+    only each row's log-sum-exp, so no (vocab × hidden) gradient is held from forward to backward,
+    for one more (rows × hidden × vocab) GEMM (model.loss_recompute)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        valid, row_scale, safe_targets = _row_scale(targets)
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        logits_buf = h.new_empty(min(chunk, h.shape[0]), weight.shape[0])
+        for start in range(0, h.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            h_c = h[rows]
+            logits = torch.mm(h_c, weight.t(), out=logits_buf[: h_c.shape[0]])
+            torch.logsumexp(logits.float(), dim=-1, out=lse[rows])
+            picked = logits.gather(1, safe_targets[rows, None]).squeeze(1).float()
+            loss_sum += ((lse[rows] - picked) * valid[rows]).sum()
+        ctx.save_for_backward(h, weight, safe_targets, row_scale, lse)
+        ctx.chunk = chunk
+        return loss_sum / valid.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        h, weight, safe_targets, row_scale, lse = ctx.saved_tensors
+        chunk, rows_max, vocab = ctx.chunk, min(ctx.chunk, h.shape[0]), weight.shape[0]
+        dh = torch.empty_like(h)
+        dw = torch.empty_like(weight, dtype=torch.float32)
+        minus_one = torch.full((rows_max, 1), -1.0, dtype=torch.float32, device=h.device)
+        scale = row_scale * grad_loss.float()  # the upstream gradient folded into the rows' 1/n
+        logits_buf, p_buf = _chunk_buffers(h, rows_max, vocab)
+        for start in range(0, h.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            h_c, t_c = h[rows], safe_targets[rows, None]
+            logits = torch.mm(h_c, weight.t(), out=logits_buf[: h_c.shape[0]])
+            grad = torch.sub(logits, lse[rows, None], out=p_buf[: h_c.shape[0]]).exp_()  # softmax
+            grad.scatter_add_(1, t_c, minus_one[: h_c.shape[0]])  # minus the one-hot
+            _add_chunk_grads(grad, logits, h_c, weight, scale[rows, None], dh[rows], dw, start == 0)
+        return dh, dw.to(weight.dtype), None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 256,
+                         recompute: bool = False):
     """Mean cross-entropy of softmax(h @ weight.T) against targets (IGNORE_INDEX rows skipped).
 
     h (..., d), weight (V, d), targets (...) -> scalar fp32 loss. Under autocast h and weight
     are cast to the autocast dtype first, as the reference's Linear would be; the softmax is fp32.
+    `recompute`: form the gradients in backward, computing each chunk's logits again, instead of
+    in the forward (where the fp32 weight gradient is then held until backward).
     """
     h = h.reshape(-1, h.shape[-1])
     device = h.device.type
@@ -117,7 +184,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         dtype = torch.get_autocast_dtype(device)
         h, weight = h.to(dtype), weight.to(dtype)
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(h, weight, targets.reshape(-1), chunk)
+        fn = _LinearCrossEntropyRecompute if recompute else _LinearCrossEntropy
+        return fn.apply(h, weight, targets.reshape(-1), chunk)
 
 
 def logits_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,7 @@ class DeepSeekV3(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # (h, weight, targets, chunk) -> mean CE; `dsv3 bench` wraps it to time the head
+        # (h, weight, targets, chunk, recompute) -> mean CE; `dsv3 bench` wraps it to time the head
         self.head_loss = linear_cross_entropy
         self.rotary = RotaryEmbedding(cfg)
         self.mtp = nn.ModuleList(
@@ -238,7 +238,8 @@ class DeepSeekV3(nn.Module):
         def head(h_k: torch.Tensor, targets_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             """(mean CE, logits or None) of one head application."""
             if fused:
-                return self.head_loss(h_k, head_weight, targets_k, self.cfg.loss_chunk_size), None
+                return self.head_loss(h_k, head_weight, targets_k, self.cfg.loss_chunk_size,
+                                      self.cfg.loss_recompute), None
             logits_k = self.lm_head(h_k)
             return logits_cross_entropy(logits_k, targets_k), logits_k
 
