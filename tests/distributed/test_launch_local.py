@@ -57,11 +57,15 @@ def test_ep2_on_two_ranks_matches_one_process(tmp_path):
     _agree(one, two, 12, loss_tol=1e-4, norm_rel=1e-2)
 
 
-def test_bf16_ep2_on_two_ranks_tracks_one_process(tmp_path):
+@pytest.mark.parametrize("precision", [["model.precision=bf16"],
+                                       ["model.precision=fp8", "fp8.backend=emulated", "fp8.weights=bf16"]],
+                         ids=["bf16", "fp8-on-bf16-weights"])
+def test_bf16_ep2_on_two_ranks_tracks_one_process(tmp_path, precision):
     """The GPU configs' precision (bf16 weights, fp32 master weights and gradients, ZeRO-2) with
-    experts over two ranks, on CPU. Other reduction orders move bf16-rounded weights by whole bf16
-    steps, so the runs agree less closely than in fp32: losses within 2e-3 of ~10 over 4 steps
-    (seen: 1.3e-4), the global grad norm within 1% (seen: 0.1%)."""
+    experts over two ranks, on CPU; and FP8 GEMMs on the same engine (671b.yaml's). Other
+    reduction orders move bf16-rounded weights by whole bf16 steps, so the runs agree less
+    closely than in fp32: losses within 2e-3 of ~10 over 4 steps (seen: 1.3e-4 bf16, 2.8e-4 fp8),
+    the global grad norm within 1% (seen: 0.1%, 0.05%)."""
     one, two, _ = _one_and_two_ranks(tmp_path, "train.steps=4", "train.eval_interval=4", "checkpoint.interval=4",
-                                  "model.precision=bf16", "parallel.zero_stage=2")
+                                  *precision, "parallel.zero_stage=2")
     _agree(one, two, 4, loss_tol=2e-3, norm_rel=1e-2)
