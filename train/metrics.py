@@ -531,7 +531,7 @@ def startup_summary(cfg: Config, world_size: int) -> str:
         f"{human(tokens)} tokens/step ({t.global_batch_size} seq × {cfg.data.seq_len}{ramp}) | "
         f"world {world_size}, ep {cfg.parallel.ep}, zero {cfg.parallel.zero_stage}, "
         f"micro {t.micro_batch_size} × accum {accum} × world {world_size} = global {t.global_batch_size} | "
-        f"precision {cfg.model.precision}"
+        f"precision {cfg.model.precision}{' on bf16 weights' if cfg.model.precision == 'fp8' and cfg.bf16_weights else ''}"
     )
 
 

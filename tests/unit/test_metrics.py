@@ -235,6 +235,9 @@ def test_startup_summary(tmp_path):
                  f"+{human(counts['mtp'])} MTP", "ep 2", "zero 0", "accum 2", "global 16", "fp32"):
         assert part in line, (part, line)
     assert f"{human(16 * cfg.data.seq_len)} tokens/step" in line
+    fp8 = smoke_config(tmp_path, "model.precision=fp8", "fp8.weights=bf16", "parallel.zero_stage=2")
+    assert startup_summary(fp8, 1).endswith("precision fp8 on bf16 weights")
+    assert startup_summary(smoke_config(tmp_path, "model.precision=fp8"), 1).endswith("precision fp8")
 
 
 # ---------------------------------------------------------------------------------------------
