@@ -522,6 +522,7 @@ def startup_summary(cfg: Config, world_size: int) -> str:
     per_pass = t.micro_batch_size * world_size
     accum = t.global_batch_size // per_pass if per_pass else 0
     tokens = t.global_batch_size * cfg.data.seq_len
+    fp8_weights = " on bf16 weights" if cfg.model.precision == "fp8" and cfg.bf16_weights else ""
     ramp = ""
     if cfg.schedule.batch_ramp_start is not None:
         ramp = f", ramp from {cfg.schedule.batch_ramp_start} seq over {cfg.schedule.batch_ramp_steps} steps"
@@ -531,7 +532,7 @@ def startup_summary(cfg: Config, world_size: int) -> str:
         f"{human(tokens)} tokens/step ({t.global_batch_size} seq × {cfg.data.seq_len}{ramp}) | "
         f"world {world_size}, ep {cfg.parallel.ep}, zero {cfg.parallel.zero_stage}, "
         f"micro {t.micro_batch_size} × accum {accum} × world {world_size} = global {t.global_batch_size} | "
-        f"precision {cfg.model.precision}{' on bf16 weights' if cfg.model.precision == 'fp8' and cfg.bf16_weights else ''}"
+        f"precision {cfg.model.precision}{fp8_weights}"
     )
 
 
