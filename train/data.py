@@ -603,10 +603,8 @@ def _expand_local_shards(pattern: str, key: str) -> list[Path]:
             parsed = urlparse(url)
             if parsed.scheme not in ("", "file"):
                 raise ConfigError(key, pattern, "indexed access needs local paths or file:// URLs")
-            path = Path(parsed.path if parsed.scheme == "file" else url).expanduser().resolve()
-            if not path.is_file():
-                raise FileNotFoundError(f"{key}: shard {path} does not exist")
-            paths.append(path)
+            # (existence is checked where the shards are counted, a share per rank)
+            paths.append(Path(parsed.path if parsed.scheme == "file" else url).expanduser().resolve())
     if not paths:
         raise ConfigError(key, pattern, "names no shards")
     return paths
@@ -716,8 +714,11 @@ class TokenSamples:
             # a manifest beside the shards (they came from prepare-data) still gets checked
             self.manifest_path = paths[0].parent / MANIFEST
             self.manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else None
-            counts = count_shard_samples(paths, *(ranks or (0, 1, None)), warn=lambda k, why: self._mark_bad(
-                k, paths[k], why, dead=True))
+            try:
+                counts = count_shard_samples(paths, *(ranks or (0, 1, None)), warn=lambda k, why: self._mark_bad(
+                    k, paths[k], why, dead=True))
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"{key}: {err}") from None
             for k, n in enumerate(counts):
                 if n is None:  # another rank named it; its sample count is unknown: it contributes none
                     self._dead.add(k)
@@ -952,9 +953,15 @@ def count_shard_samples(paths: list[Path], rank: int = 0, world: int = 1,
     """The number of samples in each tar, None for one that cannot be indexed (`warn(k, why)` is
     called for those, on the rank that counted them only). Rank r indexes paths[r::world] and
     `all_reduce` (an in-place sum over the ranks) shares the counts: indexing reads a header per
-    sample, too much for every rank to do for every shard of a large dataset."""
-    counts = torch.zeros(len(paths), dtype=torch.int64)  # n + 1 for a shard counted, 0 for not (here)
+    sample, and even a stat per shard per rank is a burst on a parallel file system's metadata
+    server. A path that does not exist is a FileNotFoundError naming it, on every rank alike (the
+    reduce carries it)."""
+    # n + 1 for a shard counted, 0 for one not counted (here, or unindexable), -1 for a missing one
+    counts = torch.zeros(len(paths), dtype=torch.int64)
     for k in range(rank, len(paths), world):
+        if not paths[k].is_file():
+            counts[k] = -1
+            continue
         try:
             counts[k] = _count_samples(paths[k]) + 1
         except Exception as err:  # noqa: BLE001 - any failure to index makes the shard bad
@@ -962,6 +969,10 @@ def count_shard_samples(paths: list[Path], rank: int = 0, world: int = 1,
                 warn(k, f"cannot be indexed ({type(err).__name__}: {err})")
     if world > 1:
         all_reduce(counts)
+    missing = [paths[k] for k in range(len(paths)) if counts[k] < 0]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"shard {missing[0]} does not exist{more}")
     return [int(c) - 1 if c else None for c in counts]
 
 

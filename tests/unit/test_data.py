@@ -713,6 +713,39 @@ def test_shards_without_a_manifest_are_counted_a_share_per_rank(prepared, tmp_pa
     assert named == [(1, 1)]
 
 
+def test_a_missing_shard_is_named_on_every_rank_by_the_one_that_looked(prepared, tmp_path, monkeypatch):
+    """A listed shard that does not exist: rank r of 3 looks at shards r, r + 3, ... only (one stat
+    per shard over all ranks, not one per rank), and after the all-reduce every rank raises the same
+    error naming it; TokenSamples adds the config key."""
+    cfg, m = _copy_prepared(prepared, tmp_path / "data")
+    paths = [tmp_path / "data" / s["url"] for s in m["train"]["shards"]]
+    assert len(paths) >= 3
+    paths[1].unlink()
+    looked = []
+    is_file = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda p: looked.append(p) or is_file(p))
+    shares = []
+    for rank in range(3):  # each rank's own contribution to the sum, before the reduce
+        looked.clear()
+        def keep(counts: torch.Tensor) -> torch.Tensor:
+            shares.append(counts.clone())
+            return counts
+        if rank == 1:
+            with pytest.raises(FileNotFoundError, match=f"shard {paths[1]} does not exist"):
+                data.count_shard_samples(paths, rank, 3, all_reduce=keep)
+        else:
+            data.count_shard_samples(paths, rank, 3, all_reduce=keep)
+        assert looked == paths[rank::3]
+    total = sum(shares)
+    for rank in range(3):  # with the real sum every rank raises alike
+        with pytest.raises(FileNotFoundError, match=f"shard {paths[1]} does not exist"):
+            data.count_shard_samples(paths, rank, 3, all_reduce=lambda counts: counts.copy_(total))
+    monkeypatch.undo()
+    listed = "::".join(str(p) for p in paths)
+    with pytest.raises(FileNotFoundError, match=f"data.train_shards: shard {paths[1]} does not exist"):
+        TokenSamples(_cfg(tmp_path / "data", cfg.data.sources, f"data.train_shards={listed}"), "train")
+
+
 def test_check_tokenizer_matches(prepared, tmp_path):
     cfg, _ = prepared
     m = json.loads((Path(cfg.data.dir) / "manifest.json").read_text())
