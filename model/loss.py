@@ -75,11 +75,12 @@ def _add_chunk_grads(grad: torch.Tensor, logits: torch.Tensor, h_c: torch.Tensor
             dw += part
 
 
-def _row_scale(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(valid rows, 1/n on them and 0 on ignored rows: the mean's gradient in one factor, targets
-    with ignored rows pointed at token 0)."""
+def _row_scale(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(valid rows, their count n, 1/n on them and 0 on ignored rows: the mean's gradient in one
+    factor, targets with ignored rows pointed at token 0)."""
     valid = targets != IGNORE_INDEX
-    return valid, valid.to(torch.float32) / valid.sum(), targets.clamp_min(0)
+    n_valid = valid.sum()
+    return valid, n_valid, valid.to(torch.float32) / n_valid, targets.clamp_min(0)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -87,7 +88,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
-        valid, row_scale, safe_targets = _row_scale(targets)
+        valid, n_valid, row_scale, safe_targets = _row_scale(targets)
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         rows_max, vocab = min(chunk, h.shape[0]), weight.shape[0]
@@ -110,7 +111,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # kept on ctx, not saved: they are results, and backward scales them in place
         ctx.dh, ctx.dw = (dh, dw) if want_grad else (None, None)
         ctx.weight_dtype = weight.dtype
-        return loss_sum / valid.sum()
+        return loss_sum / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
@@ -135,7 +136,7 @@ class _LinearCrossEntropyRecompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
-        valid, row_scale, safe_targets = _row_scale(targets)
+        valid, n_valid, row_scale, safe_targets = _row_scale(targets)
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         logits_buf = h.new_empty(min(chunk, h.shape[0]), weight.shape[0])
@@ -148,7 +149,7 @@ class _LinearCrossEntropyRecompute(torch.autograd.Function):
             loss_sum += ((lse[rows] - picked) * valid[rows]).sum()
         ctx.save_for_backward(h, weight, safe_targets, row_scale, lse)
         ctx.chunk = chunk
-        return loss_sum / valid.sum()
+        return loss_sum / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):

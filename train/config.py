@@ -201,7 +201,6 @@ class Config:
             )
         if p.zero_stage not in (0, 1, 2):
             raise ConfigError("parallel.zero_stage", p.zero_stage, "0, 1 or 2 (ZeRO-3 does not combine with MoE)")
-        _choice("fp8.weights", self.fp8.weights, ("fp32", "bf16"))
         if self.bf16_weights and p.zero_stage != 2:
             # DeepSpeed accumulates bf16 models' gradients in fp32 (data_types.grad_accum_dtype) with
             # the ZeRO-2 optimizer only: ZeRO-0 refuses the setting, ZeRO-1 switches to an optimizer
@@ -222,6 +221,7 @@ class Config:
         _choice("logging.wandb", self.logging.wandb, ("online", "offline", "disabled"))
         _choice("fp8.backend", self.fp8.backend, ("te", "emulated"))
         _choice("fp8.recipe", self.fp8.recipe, ("blockwise", "current", "delayed", "mxfp8"))
+        _choice("fp8.weights", self.fp8.weights, ("fp32", "bf16"))
         for s in self.data.sources:
             _choice("data.sources.kind", s.kind, ("shakespeare", "txt", "jsonl"))
             if s.kind != "shakespeare" and not s.path:

@@ -1102,9 +1102,11 @@ class BatchStream:
     def load_state_dict(self, state: dict) -> str | None:
         """Continue the checkpointed stream: its position and its seed (the order is run state).
 
-        Returns a warning when the split is not the one the checkpoint was trained on (other shards
-        or sample counts: data prepared again, or other shards named): the position carries over,
-        but the order is a new one, so this epoch's remaining samples are not the old ones."""
+        Returns a warning naming each reason the stream does not continue as it was: the split is
+        not the one the checkpoint was trained on (other shards or sample counts: data prepared
+        again, or other shards named), or its samples were drawn in another order (ORDER). The
+        position carries over, but the order is a new one, so this epoch's remaining samples are
+        not the old ones."""
         self.consumed = int(state["consumed"])
         self.seed = int(state["seed"])
         reasons = []
