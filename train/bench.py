@@ -259,6 +259,7 @@ def bench(cfg, steps: int = 10, warmup: int = 2, profile: bool = True, log=None)
         result["profiled_step_time_s"] = profiled
         result["breakdown_method"] = ("torch.profiler on one extra step; forward hooks scope MLA/router/experts/"
                                       "expert GEMMs, backward attributed by autograd sequence number")
+    pe.shutdown_distributed()
     return result
 
 

@@ -111,15 +111,19 @@ class TrainingError(RuntimeError):
 
 
 def train(cfg: Config) -> TrainResult:
+    """Train per cfg on this rank: joins the process group, and leaves it when the run returns (a
+    failed run leaves it to process exit, so a rank whose peer is gone cannot hang in teardown)."""
     with StopRequest() as stop:
         try:
-            return _train(cfg, stop)
+            result = _train(cfg, stop)
         except TrainingError:
             raise
         except Exception as err:
             if _is_communication_failure(err):
                 raise TrainingError(_lost_rank_report(err)) from err
             raise
+    pe.shutdown_distributed()
+    return result
 
 
 def _is_communication_failure(err: Exception) -> bool:

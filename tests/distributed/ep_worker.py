@@ -164,6 +164,7 @@ def main(out: Path, ep: int, zero: int, skew: bool, checkpointing: bool, fake_te
     diffs["expert_range"] = [first, last]
     (out / f"rank{rank}.json").write_text(json.dumps(diffs))
     dist.barrier()
+    pe.shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.support import TINY, rows, run_cli
+from tests.support import REPO, TINY, rows, run_cli
 
 KEYS = ["step", "loss", "lm_loss", "mtp_loss", "lr", "batch_size", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes",
         "skipped_steps", "bad_shards", "expert_load_maxvio", "val_loss"]
@@ -257,3 +260,30 @@ def test_shards_made_elsewhere_train_and_sample_with_the_tokenizer_beside_them(t
     done = run_cli("train", "configs/smoke.yaml", *tiny_data, *shards, f"train.run_dir={run}")
     assert "--- sample" in done.stdout, done.stdout
     assert (run / "tokenizer.json").read_bytes() == (data_dir / "tokenizer.json").read_bytes()
+
+
+LEAVES_GROUP = r"""
+import sys
+import torch.distributed as dist
+from train.bench import bench
+from train.config import load_config
+from train.loop import train
+
+cfg = lambda *more: load_config("configs/smoke.yaml", [*sys.argv[2:], *more])
+first = train(cfg(f"train.run_dir={sys.argv[1]}/a", "train.steps=1"))
+after_train = dist.is_initialized()
+second = train(cfg(f"train.run_dir={sys.argv[1]}/b", "train.steps=1"))  # joins afresh
+bench(cfg(), steps=1, warmup=0, profile=False)
+print(after_train, dist.is_initialized(), first.val_loss == second.val_loss)
+"""
+
+
+def test_train_and_bench_leave_the_process_group(tiny_data, tmp_path):
+    """train() and bench() leave the process group when they return. A process that exits with
+    it still up can abort in teardown (gloo's threads meet the interpreter's exit) after a run
+    that succeeded; and a second train() in the same process joins afresh and trains the same."""
+    proc = subprocess.run([sys.executable, "-c", LEAVES_GROUP, str(tmp_path), *tiny_data], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-3:] == ["False", "False", "True"], proc.stdout[-2000:]
