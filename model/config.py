@@ -62,10 +62,6 @@ class ModelConfig:
     # tokens per chunk of the fused head + cross-entropy (model/loss.py); 0 = the reference
     # path that materialises all logits. Does not change the result beyond fp32 rounding.
     loss_chunk_size: int = 256
-    # The fused head forms its gradients in backward, computing each chunk's logits again (a third
-    # more head FLOPs), instead of in the forward, after which each head's fp32 (vocab × hidden)
-    # weight gradient is held until backward. For large vocabularies on tight memory (671b.yaml).
-    loss_recompute: bool = False
     # --- MTP (report §2.2) ---
     num_nextn_predict_layers: int = 1  # MTP depth D
     mtp_loss_weight: float = 0.3  # λ; the trainer's schedule may override per step

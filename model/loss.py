@@ -24,11 +24,13 @@ Backward then only scales dh and dW by the incoming gradient. Under no_grad (eva
 gradient work is skipped. The arithmetic is the reference's; results agree to fp32 rounding
 (tests/unit/test_loss.py checks loss and both gradients against the reference).
 
-The price is memory: each head's fp32 dW (V, d) lives from its forward to its backward, 3.7 GB
-per head at the 671B shape (129,280 × 7,168), twice with the MTP head. `recompute=True`
-(model.loss_recompute) keeps only each row's log-sum-exp instead and forms the same gradients
-in backward, computing each chunk's logits again (G_c = exp(logits_c - lse_c) - onehot): four
-GEMMs per chunk instead of three, and no (V, d) tensor held between forward and backward.
+The main head and every MTP depth apply the same weight, so they run in one call
+(linear_cross_entropy_heads) for the loss the model trains on, L = Σ_k c_k·CE_k (c = 1 for the
+main head, λ/D for each depth), with c_k folded into s_c: one fp32 dW (V, d) for all of them.
+It lives from the forward to backward, 3.7 GB at the 671B shape (129,280 × 7,168); separate
+calls would hold one per head. Computing the logits again in backward instead (keeping each
+row's log-sum-exp) would form dW there, at the same peak (all activations are still held when
+backward starts), for a fourth GEMM per chunk; it is not done.
 """
 
 from __future__ import annotations
@@ -84,109 +86,99 @@ def _row_scale(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Gradients formed in the forward, while each chunk's softmax is at hand; backward scales them."""
+    """Gradients formed in the forward, while each chunk's softmax is at hand, into one dW shared
+    by every head (the weight is the same); backward scales them."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
-        valid, n_valid, row_scale, safe_targets = _row_scale(targets)
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-        rows_max, vocab = min(chunk, h.shape[0]), weight.shape[0]
+    def forward(ctx, weight: torch.Tensor, chunk: int, coefs: tuple[float, ...], *heads: torch.Tensor):
+        hs, targets = heads[0::2], heads[1::2]  # apply takes them as h_0, t_0, h_1, t_1, ...
+        want_grad = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[3::2])
+        rows_max, vocab = min(chunk, max(h.shape[0] for h in hs)), weight.shape[0]
+        losses = torch.empty(len(hs), dtype=torch.float32, device=weight.device)
+        dhs, dw = [], None
         if want_grad:
-            dh = torch.empty_like(h)
             dw = torch.empty_like(weight, dtype=torch.float32)  # the first chunk writes, the rest add
-            minus_one = torch.full((rows_max, 1), -1.0, dtype=torch.float32, device=h.device)
-        logits_buf, logp_buf = _chunk_buffers(h, rows_max, vocab)
-        for start in range(0, h.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            h_c, t_c = h[rows], safe_targets[rows, None]
-            logits = torch.mm(h_c, weight.t(), out=logits_buf[: h_c.shape[0]])
-            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp_buf[: h_c.shape[0]])
-            loss_sum -= (logp.gather(1, t_c).squeeze(1) * valid[rows]).sum()
-            if not want_grad:
-                continue
-            grad = logp.exp_()  # softmax, in place of logp
-            grad.scatter_add_(1, t_c, minus_one[: h_c.shape[0]])  # minus the one-hot
-            _add_chunk_grads(grad, logits, h_c, weight, row_scale[rows, None], dh[rows], dw, start == 0)
+            minus_one = torch.full((rows_max, 1), -1.0, dtype=torch.float32, device=weight.device)
+        logits_buf, logp_buf = _chunk_buffers(hs[0], rows_max, vocab)
+        first = True
+        for k, (h, coef) in enumerate(zip(hs, coefs)):
+            valid, n_valid, row_scale, safe_targets = _row_scale(targets[k])
+            scale = row_scale if coef == 1.0 else row_scale * coef  # this head's weight in the sum
+            loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+            dh = torch.empty_like(h) if want_grad else None
+            for start in range(0, h.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                h_c, t_c = h[rows], safe_targets[rows, None]
+                logits = torch.mm(h_c, weight.t(), out=logits_buf[: h_c.shape[0]])
+                logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp_buf[: h_c.shape[0]])
+                loss_sum -= (logp.gather(1, t_c).squeeze(1) * valid[rows]).sum()
+                if not want_grad:
+                    continue
+                grad = logp.exp_()  # softmax, in place of logp
+                grad.scatter_add_(1, t_c, minus_one[: h_c.shape[0]])  # minus the one-hot
+                _add_chunk_grads(grad, logits, h_c, weight, scale[rows, None], dh[rows], dw, first)
+                first = False
+            losses[k] = loss_sum / n_valid
+            dhs.append(dh)
         # kept on ctx, not saved: they are results, and backward scales them in place
-        ctx.dh, ctx.dw = (dh, dw) if want_grad else (None, None)
+        ctx.dhs, ctx.dw = (dhs, dw) if want_grad else (None, None)
         ctx.weight_dtype = weight.dtype
-        return loss_sum / n_valid
+        ctx.mark_non_differentiable(losses)
+        return _weighted_sum(losses, coefs), losses
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        dh, dw = ctx.dh, ctx.dw
-        if dh is None:
+    def backward(ctx, grad_total: torch.Tensor, _grad_losses: torch.Tensor):
+        dhs, dw = ctx.dhs, ctx.dw
+        if dhs is None:
             raise RuntimeError(
                 "backward through the fused head and loss ran twice: its gradients are computed in the "
-                "forward and handed over once (retain_graph / double backward need model.loss_recompute=true, "
-                "or model.loss_chunk_size=0, the reference path)")
-        ctx.dh = ctx.dw = None
-        # the loss is usually the root of backward (grad 1): skip two passes where checking is free
-        if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
-            dh.mul_(grad_loss.to(dh.dtype))
-            dw.mul_(grad_loss)
-        return dh, dw.to(ctx.weight_dtype), None, None
+                "forward and handed over once (retain_graph / double backward need model.loss_chunk_size=0, "
+                "the reference path)")
+        ctx.dhs = ctx.dw = None
+        # the loss is usually the root of backward (grad 1): skip the passes where checking is free
+        if not (grad_total.device.type == "cpu" and grad_total.item() == 1.0):
+            for dh in dhs:
+                dh.mul_(grad_total.to(dh.dtype))
+            dw.mul_(grad_total)
+        return (dw.to(ctx.weight_dtype), None, None, *(g for dh in dhs for g in (dh, None)))
 
 
-class _LinearCrossEntropyRecompute(torch.autograd.Function):
-    """Gradients formed in backward from each chunk's logits computed again: the forward keeps
-    only each row's log-sum-exp, so no (vocab × hidden) gradient is held from forward to backward,
-    for one more (rows × hidden × vocab) GEMM (model.loss_recompute)."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
-        valid, n_valid, row_scale, safe_targets = _row_scale(targets)
-        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-        logits_buf = h.new_empty(min(chunk, h.shape[0]), weight.shape[0])
-        for start in range(0, h.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            h_c = h[rows]
-            logits = torch.mm(h_c, weight.t(), out=logits_buf[: h_c.shape[0]])
-            torch.logsumexp(logits.float(), dim=-1, out=lse[rows])
-            picked = logits.gather(1, safe_targets[rows, None]).squeeze(1).float()
-            loss_sum += ((lse[rows] - picked) * valid[rows]).sum()
-        ctx.save_for_backward(h, weight, safe_targets, row_scale, lse)
-        ctx.chunk = chunk
-        return loss_sum / n_valid
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        h, weight, safe_targets, row_scale, lse = ctx.saved_tensors
-        chunk, rows_max, vocab = ctx.chunk, min(ctx.chunk, h.shape[0]), weight.shape[0]
-        dh = torch.empty_like(h)
-        dw = torch.empty_like(weight, dtype=torch.float32)
-        minus_one = torch.full((rows_max, 1), -1.0, dtype=torch.float32, device=h.device)
-        scale = row_scale * grad_loss.float()  # the upstream gradient folded into the rows' 1/n
-        logits_buf, p_buf = _chunk_buffers(h, rows_max, vocab)
-        for start in range(0, h.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            h_c, t_c = h[rows], safe_targets[rows, None]
-            logits = torch.mm(h_c, weight.t(), out=logits_buf[: h_c.shape[0]])
-            grad = torch.sub(logits, lse[rows, None], out=p_buf[: h_c.shape[0]]).exp_()  # softmax
-            grad.scatter_add_(1, t_c, minus_one[: h_c.shape[0]])  # minus the one-hot
-            _add_chunk_grads(grad, logits, h_c, weight, scale[rows, None], dh[rows], dw, start == 0)
-        return dh, dw.to(weight.dtype), None, None
+def _weighted_sum(losses: torch.Tensor, coefs: tuple[float, ...]) -> torch.Tensor:
+    """Σ_k coefs[k]·losses[k], the one value the heads' gradients are formed for."""
+    if len(coefs) == 1 and coefs[0] == 1.0:
+        return losses[0].clone()
+    return (losses * torch.tensor(coefs, dtype=losses.dtype, device=losses.device)).sum()
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 256,
-                         recompute: bool = False):
-    """Mean cross-entropy of softmax(h @ weight.T) against targets (IGNORE_INDEX rows skipped).
+def linear_cross_entropy_heads(weight: torch.Tensor, heads: list[tuple[torch.Tensor, torch.Tensor]],
+                               coefs: list[float], chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several applications of one output head, e.g. the main model's and each MTP depth's.
 
-    h (..., d), weight (V, d), targets (...) -> scalar fp32 loss. Under autocast h and weight
-    are cast to the autocast dtype first, as the reference's Linear would be; the softmax is fp32.
-    `recompute`: form the gradients in backward, computing each chunk's logits again, instead of
-    in the forward (where the fp32 weight gradient is then held until backward).
+    heads: (h (..., d), targets (...)) pairs; weight (V, d); coefs: one float per head.
+    -> (Σ_k coefs[k]·CE_k, the CE_k as a (K,) fp32 tensor). Only the sum carries gradients: the
+    heads share one fp32 dW, formed for that sum, instead of one per head. Each CE_k is the mean
+    over its rows whose target is not IGNORE_INDEX. Under autocast h and weight are cast to the
+    autocast dtype first, as the reference's Linear would be; the softmax is fp32.
     """
-    h = h.reshape(-1, h.shape[-1])
-    device = h.device.type
+    device = weight.device.type
+    flat = []
+    for h, targets in heads:
+        flat += [h.reshape(-1, h.shape[-1]), targets.reshape(-1)]
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
-        h, weight = h.to(dtype), weight.to(dtype)
+        weight, flat[0::2] = weight.to(dtype), [h.to(dtype) for h in flat[0::2]]
     with torch.autocast(device, enabled=False):
-        fn = _LinearCrossEntropyRecompute if recompute else _LinearCrossEntropy
-        return fn.apply(h, weight, targets.reshape(-1), chunk)
+        return _LinearCrossEntropy.apply(weight, chunk, tuple(float(c) for c in coefs), *flat)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int = 256) -> torch.Tensor:
+    """Mean cross-entropy of softmax(h @ weight.T) against targets (IGNORE_INDEX rows skipped).
+
+    h (..., d), weight (V, d), targets (...) -> scalar fp32 loss; one head of
+    linear_cross_entropy_heads.
+    """
+    return linear_cross_entropy_heads(weight, [(h, targets)], [1.0], chunk)[0]
 
 
 def logits_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from .attention import MLA
 from .config import ModelConfig
-from .loss import linear_cross_entropy, logits_cross_entropy
+from .loss import linear_cross_entropy_heads, logits_cross_entropy
 from .moe import MLP, MoE, update_correction_bias
 from .mtp import MTPModule
 from .norm import RMSNorm
@@ -98,7 +98,8 @@ class DecoderLayer(nn.Module):
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None  # (B, T, vocab) main head; None unless forward(return_logits=True)
-    loss: torch.Tensor  # lm_loss + λ·mtp_loss (+ balance loss when enabled)
+    loss: torch.Tensor  # lm_loss + λ·mtp_loss (+ balance loss when enabled): the one to differentiate
+    # lm_loss and mtp_loss are for logging: on the fused head path (the default) no gradient flows from them
     lm_loss: torch.Tensor
     mtp_loss: torch.Tensor | None  # mean over the D depths of each depth's CE; None when D = 0
     expert_counts: torch.Tensor  # (n_moe_layers, n_routed_experts), MTP blocks last
@@ -119,8 +120,9 @@ class DeepSeekV3(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # (h, weight, targets, chunk, recompute) -> mean CE; `dsv3 bench` wraps it to time the head
-        self.head_loss = linear_cross_entropy
+        # (weight, [(h, targets)] per head, coefs, chunk) -> (weighted sum, per-head CE);
+        # `dsv3 bench` wraps it to time the heads
+        self.head_loss = linear_cross_entropy_heads
         self.rotary = RotaryEmbedding(cfg)
         self.mtp = nn.ModuleList(
             MTPModule(cfg, cfg.num_hidden_layers + k, DecoderLayer(cfg, cfg.num_hidden_layers + k, moe=True))
@@ -230,25 +232,10 @@ class DeepSeekV3(nn.Module):
         h, cos, sin, counts, aux = self._trunk(tokens)
         if targets is None:
             return self.lm_head(h)  # (B, T, vocab)
-        fused = self.cfg.loss_chunk_size > 0 and not return_logits
-        head_weight = self.lm_head.weight
-        if fused and torch.is_autocast_enabled(h.device.type):  # one cast for the main and MTP heads
-            head_weight = head_weight.to(torch.get_autocast_dtype(h.device.type))
-
-        def head(h_k: torch.Tensor, targets_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            """(mean CE, logits or None) of one head application."""
-            if fused:
-                return self.head_loss(h_k, head_weight, targets_k, self.cfg.loss_chunk_size,
-                                      self.cfg.loss_recompute), None
-            logits_k = self.lm_head(h_k)
-            return logits_cross_entropy(logits_k, targets_k), logits_k
-
-        lm_loss, logits = head(h, targets)
-
-        mtp_losses = []
         if self.mtp and tokens.shape[1] <= len(self.mtp):
             raise ValueError(f"a sequence of {tokens.shape[1]} tokens leaves nothing for MTP depth {len(self.mtp)} "
                              f"to predict (num_nextn_predict_layers={len(self.mtp)}): needs more tokens than depths")
+        heads = [(h, targets)]  # (the representation a head reads, its targets), main head first
         for k, module in enumerate(self.mtp, start=1):
             t = h.shape[1] - 1  # depth k covers positions 0 .. T-k-1 of the input
             # input token at position i is t_{i+k} = tokens[i+k] (the input itself, never a target,
@@ -259,11 +246,27 @@ class DeepSeekV3(nn.Module):
             counts.append(c)
             if a is not None:
                 aux.append(a)
-            mtp_losses.append(head(h, targets[:, k:])[0])
+            heads.append((h, targets[:, k:]))
 
+        depth = len(self.mtp)
         weight = self.cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
-        mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else None
-        loss = lm_loss if mtp_loss is None else lm_loss + weight * mtp_loss
+        logits = None
+        if self.cfg.loss_chunk_size > 0 and not return_logits:
+            # every head in one fused call: L = lm_loss + (λ/D) Σ_k mtp_loss_k, one shared dW
+            head_weight = self.lm_head.weight
+            if torch.is_autocast_enabled(h.device.type):  # one cast for the main and MTP heads
+                head_weight = head_weight.to(torch.get_autocast_dtype(h.device.type))
+            coefs = [1.0] + [weight / depth for _ in range(depth)]
+            loss, per_head = self.head_loss(head_weight, heads, coefs, self.cfg.loss_chunk_size)
+            lm_loss, mtp_loss = per_head[0], per_head[1:].mean() if depth else None
+        else:
+            per_head = []
+            for h_k, targets_k in heads:
+                logits_k = self.lm_head(h_k)
+                logits = logits_k if logits is None else logits  # the main head's
+                per_head.append(logits_cross_entropy(logits_k, targets_k))
+            lm_loss, mtp_loss = per_head[0], torch.stack(per_head[1:]).mean() if depth else None
+            loss = lm_loss if mtp_loss is None else lm_loss + weight * mtp_loss
         balance = torch.stack(aux).sum() if aux else None
         if balance is not None:
             loss = loss + balance

@@ -32,12 +32,11 @@ GPUs per node:
   experts over the world/ep GPUs holding the same expert shard (the expert-data group).
 * activations: one micro-batch (train.micro_batch_size × data.seq_len tokens) in flight, counted
   per block from the tensors backward needs (flash-style attention, no S×S scores stored), plus
-  the output heads (1 + MTP depth). The fused head and loss (model/loss.py, the default) forms
-  each head's gradients in its forward and keeps them to backward: an fp32 (vocab × hidden) dW
-  and the (tokens × hidden) dh per head, and while a head runs its chunk buffers and a partial
-  dW; with model.loss_recompute it keeps each head's input and log-sum-exp instead, and one
-  head's fp32 dW exists only while its backward runs; the reference (model.loss_chunk_size=0)
-  keeps each head's logits and fp32 softmax. With
+  the output heads (1 + MTP depth). The fused head and loss (model/loss.py, the default) runs
+  every head in one call and forms their gradients in its forward, keeping them to backward: one
+  fp32 (vocab × hidden) dW shared by the heads and a (tokens × hidden) dh per head, and while it
+  runs a chunk's buffers and a partial dW; the reference (model.loss_chunk_size=0) keeps each
+  head's logits and fp32 softmax. With
   train.activation_checkpointing only each block's input is kept and one block is recomputed at
   a time. Activations are held in the compute dtype (bf16 for bf16 and fp8: the report's FP8
   caching of some activations would lower this; fp32 on CPU).
@@ -120,12 +119,8 @@ def _activation_bytes_per_token(cfg: ModelConfig, act_bytes: int) -> dict[str, f
     moe_block = (attn + moe_mlp) * act_bytes + router
     mtp_extra = 4 * d * act_bytes  # two input norms and the 2d concat that eh_proj reads
     # reference loss: each head's logits in the compute dtype plus the fp32 softmax it keeps;
-    # fused: each head's dh (its dW is per micro-batch, not per token: activation_bytes), or with
-    # loss_recompute its input h and fp32 log-sum-exp
-    if cfg.loss_chunk_size == 0:
-        head = cfg.vocab_size * (act_bytes + 4)
-    else:
-        head = d * act_bytes + (4 if cfg.loss_recompute else 0)
+    # fused: each head's dh (the shared dW is per micro-batch, not per token: activation_bytes)
+    head = cfg.vocab_size * (act_bytes + 4) if cfg.loss_chunk_size == 0 else d * act_bytes
     return {"dense_block": dense_block, "moe_block": moe_block, "mtp_block": moe_block + mtp_extra,
             "head": head, "block_input": d * act_bytes}
 
@@ -149,17 +144,14 @@ def activation_bytes(cfg: Config) -> float:
         per_token = (n_dense * per["dense_block"] + n_moe * per["moe_block"] + depth * per["mtp_block"]
                      + heads + embedding)
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
-    held = running = 0
+    head_grads = 0
     if mc.loss_chunk_size > 0:  # the fused head (model/loss.py)
         v, d = mc.vocab_size, mc.hidden_size
-        dw = v * d * 4  # a head's fp32 weight gradient
-        # forward-formed: every head's dW from its forward to backward; recomputed: one head's
-        # dW while its backward runs
-        held, running = (0, dw) if mc.loss_recompute else ((1 + depth) * dw, 0)
-        running += min(mc.loss_chunk_size, tokens) * v * (act_bytes + 4)  # a chunk's logits, fp32 softmax
+        head_grads = v * d * 4  # the heads' one fp32 weight gradient, held from forward to backward
+        head_grads += min(mc.loss_chunk_size, tokens) * v * (act_bytes + 4)  # a chunk's logits, fp32 softmax
         if act_bytes < 4:
-            running += v * d * act_bytes  # and its low-precision partial dW
-    return per_token * tokens + held + running
+            head_grads += v * d * act_bytes  # and its low-precision partial dW
+    return per_token * tokens + head_grads
 
 
 def _bytes_per_param(cfg: Config) -> dict[str, float]:

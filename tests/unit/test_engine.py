@@ -33,10 +33,13 @@ engine.train()
 o = cfg.optim
 ref_opt = torch.optim.AdamW(pe.param_groups(ref, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
 gen = torch.Generator().manual_seed(1)
-report = {"backward_allreduce": engine.enable_backward_allreduce, "norms": []}
+report = {"backward_allreduce": engine.enable_backward_allreduce, "norms": [], "max_param_diff": 0.0}
 for step in range(3):
     x = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1), generator=gen)
     tokens, targets = x[:, :-1], x[:, 1:]
+    with torch.no_grad():  # each step from the same weights: the moments stay each optimizer's own
+        for a, b in zip(ref.parameters(), model.parameters()):
+            a.copy_(b)
     out = engine(tokens, targets)
     engine.backward(out.loss)
     engine.step()
@@ -45,7 +48,8 @@ for step in range(3):
     ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), o.grad_clip).item()
     ref_opt.step()
     report["norms"].append([engine.get_global_grad_norm(), ref_norm])
-report["max_param_diff"] = max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
+    diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
+    report["max_param_diff"] = max(report["max_param_diff"], diff)
 report["max_update"] = max((a - s).abs().max().item() for a, s in zip(model.parameters(), start))
 print(json.dumps(report))
 """
@@ -69,8 +73,11 @@ def test_single_process_engine_matches_plain_adamw():
     for ours, ref in report["norms"]:
         assert ref > 0.05  # the clip really scaled the gradients
         assert abs(ours - ref) <= 1e-5 * ref, (ours, ref)
-    # the same updates up to fp32 rounding (the two clip norms differ in the last bit or two)
-    assert report["max_update"] > 1e-2 and report["max_param_diff"] <= 1e-4 * report["max_update"], report
+    # every step's update from the same weights equal up to fp32 rounding (the two clip norms
+    # differ in the last bit or two). Steps are compared one at a time: over several, a rounding
+    # difference in a gradient element that nearly cancels becomes an O(lr) difference once
+    # AdamW normalises it, which says nothing about the engine.
+    assert report["max_update"] > 1e-2 and report["max_param_diff"] <= 1e-5 * report["max_update"], report
 
 
 OVERFLOW_WORKER = r"""

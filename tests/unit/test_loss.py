@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.loss import IGNORE_INDEX, linear_cross_entropy, reference_cross_entropy
+from model.loss import IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_heads, reference_cross_entropy
 from tests.unit.helpers import build
 
 
@@ -16,16 +16,15 @@ def _loss_and_grads(fn, h, w, targets):
     return loss.detach(), h.grad, w.grad
 
 
-@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("chunk", [1, 8, 37, 64, 500])  # 37: chunks that do not divide the rows
-def test_fused_equals_reference_in_fp32(chunk, recompute):
+def test_fused_equals_reference_in_fp32(chunk):
     g = torch.Generator().manual_seed(0)
     n, d, v = 150, 24, 301
     h, w = torch.randn(n, d, generator=g), 0.3 * torch.randn(v, d, generator=g)
     targets = torch.randint(0, v, (n,), generator=g)
     targets[::7] = IGNORE_INDEX
     ref = _loss_and_grads(reference_cross_entropy, h, w, targets)
-    got = _loss_and_grads(lambda a, b, t: linear_cross_entropy(a, b, t, chunk, recompute), h, w, targets)
+    got = _loss_and_grads(lambda a, b, t: linear_cross_entropy(a, b, t, chunk), h, w, targets)
     torch.testing.assert_close(got[0], ref[0], atol=2e-6, rtol=1e-6)
     # gradients are ~1/n in size; compare relative to that scale
     torch.testing.assert_close(got[1], ref[1], atol=1e-8, rtol=1e-5)
@@ -33,63 +32,79 @@ def test_fused_equals_reference_in_fp32(chunk, recompute):
     assert got[1][::7].abs().max() == 0, "ignored rows get no gradient"
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_upstream_gradient_scales_both_gradients(recompute):
+def test_upstream_gradient_scales_both_gradients():
     g = torch.Generator().manual_seed(1)
     h, w = torch.randn(20, 8, generator=g), torch.randn(11, 8, generator=g)
     t = torch.randint(0, 11, (20,), generator=g)
     ref = _loss_and_grads(lambda a, b, tt: 2.5 * reference_cross_entropy(a, b, tt), h, w, t)
-    got = _loss_and_grads(lambda a, b, tt: 2.5 * linear_cross_entropy(a, b, tt, 6, recompute), h, w, t)
+    got = _loss_and_grads(lambda a, b, tt: 2.5 * linear_cross_entropy(a, b, tt, 6), h, w, t)
     for r, o in zip(ref, got):
         torch.testing.assert_close(o, r, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("upstream", [1.0, 2.5])
+def test_heads_in_one_call_equal_separate_losses_and_share_one_weight_gradient(upstream):
+    """The main and MTP heads in one call: the weighted sum, each head's CE and every gradient
+    equal the reference heads computed apart; the autograd node holds one dW, not one per head."""
+    g = torch.Generator().manual_seed(5)
+    d, v = 16, 97
+    w = 0.3 * torch.randn(v, d, generator=g)
+    hs = [torch.randn(40, d, generator=g), torch.randn(33, d, generator=g)]  # rows not a multiple of the chunk
+    ts = [torch.randint(0, v, (n,), generator=g) for n in (40, 33)]
+    ts[1][::5] = IGNORE_INDEX
+    coefs = [1.0, 0.15]
+
+    def grads(fn):
+        w_, hs_ = w.clone().requires_grad_(), [h.clone().requires_grad_() for h in hs]
+        total, per_head = fn(w_, hs_)
+        (upstream * total).backward()
+        return total.detach(), per_head.detach(), w_.grad, [h.grad for h in hs_]
+
+    def reference(w_, hs_):
+        per_head = torch.stack([reference_cross_entropy(h, w_, t) for h, t in zip(hs_, ts)])
+        return sum(c * x for c, x in zip(coefs, per_head)), per_head
+
+    got = grads(lambda w_, hs_: linear_cross_entropy_heads(w_, list(zip(hs_, ts)), coefs, chunk=8))
+    ref = grads(reference)
+    torch.testing.assert_close(got[0], ref[0], atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1], ref[1], atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(got[2], ref[2], atol=1e-8, rtol=1e-5)
+    for a, b in zip(got[3], ref[3]):
+        torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-5)
+
+    h_req = [h.clone().requires_grad_() for h in hs]
+    total, per_head = linear_cross_entropy_heads(w.clone().requires_grad_(), list(zip(h_req, ts)), coefs, chunk=8)
+    assert not per_head.requires_grad  # only the sum carries gradients
+    node = total.grad_fn
+    assert node.dw.shape == w.shape and node.dw.dtype == torch.float32
+    assert [tuple(dh.shape) for dh in node.dhs] == [(40, d), (33, d)]
 
 
 def test_a_second_backward_is_a_clear_error():
     h, w = torch.randn(6, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
     loss = linear_cross_entropy(h, w, torch.randint(0, 9, (6,)), 4)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="loss_recompute=true, or model.loss_chunk_size=0"):
+    with pytest.raises(RuntimeError, match="need model.loss_chunk_size=0, the reference path"):
         loss.backward()
-    # recomputing in backward keeps what it needs: a second backward adds the same gradients
-    w.grad = None
-    loss = linear_cross_entropy(h, w, torch.randint(0, 9, (6,)), 4, recompute=True)
-    loss.backward(retain_graph=True)
-    once = w.grad.clone()
-    loss.backward()
-    torch.testing.assert_close(w.grad, 2 * once)
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_no_grad_and_all_ignored(recompute):
+def test_no_grad_and_all_ignored():
     h, w = torch.randn(9, 4), torch.randn(13, 4)
     t = torch.randint(0, 13, (9,))
     with torch.no_grad():
-        torch.testing.assert_close(linear_cross_entropy(h, w, t, 4, recompute), reference_cross_entropy(h, w, t))
+        torch.testing.assert_close(linear_cross_entropy(h, w, t, 4), reference_cross_entropy(h, w, t))
     ignored = torch.full((9,), IGNORE_INDEX)
-    assert linear_cross_entropy(h, w, ignored, 4, recompute).isnan() and reference_cross_entropy(h, w, ignored).isnan()
+    assert linear_cross_entropy(h, w, ignored, 4).isnan() and reference_cross_entropy(h, w, ignored).isnan()
 
 
-def test_recompute_holds_no_weight_gradient_between_forward_and_backward():
-    h, w = torch.randn(40, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
-    t = torch.randint(0, 50, (40,))
-    formed = linear_cross_entropy(h, w, t, 16).grad_fn
-    assert formed.dw.shape == w.shape  # the fp32 dW, held until backward
-    recomputed = linear_cross_entropy(h, w, t, 16, recompute=True).grad_fn
-    assert not hasattr(recomputed, "dw")
-    # what it keeps: h, the weight itself (no copy), targets, the rows' scale and log-sum-exp
-    assert [tuple(x.shape) for x in recomputed.saved_tensors] == [(40, 8), (50, 8), (40,), (40,), (40,)]
-    assert recomputed.saved_tensors[1].data_ptr() == w.data_ptr()
-
-
-@pytest.mark.parametrize("recompute", [False, True])
-def test_bf16_autocast_matches_the_autocast_reference(recompute):
+def test_bf16_autocast_matches_the_autocast_reference():
     """Under autocast the GEMMs run in bf16 as nn.Linear's would; softmax and loss stay fp32."""
     g = torch.Generator().manual_seed(2)
     h, w = torch.randn(64, 32, generator=g), 0.2 * torch.randn(97, 32, generator=g)
     t = torch.randint(0, 97, (64,), generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = _loss_and_grads(reference_cross_entropy, h, w, t)
-        got = _loss_and_grads(lambda a, b, tt: linear_cross_entropy(a, b, tt, 16, recompute), h, w, t)
+        got = _loss_and_grads(lambda a, b, tt: linear_cross_entropy(a, b, tt, 16), h, w, t)
     assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float32
     torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)  # same bf16 logits, fp32 softmax
     scale = ref[1].abs().max()
@@ -97,10 +112,9 @@ def test_bf16_autocast_matches_the_autocast_reference(recompute):
     torch.testing.assert_close(got[2], ref[2], atol=1e-2 * ref[2].abs().max(), rtol=0)
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_model_fused_loss_equals_the_logits_path(recompute):
+def test_model_fused_loss_equals_the_logits_path():
     """The whole model, MTP included: loss, its parts and every gradient agree with return_logits=True."""
-    model = build(seed=3, num_nextn_predict_layers=2, loss_chunk_size=5, loss_recompute=recompute)
+    model = build(seed=3, num_nextn_predict_layers=2, loss_chunk_size=5)
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 11))
     targets = torch.randint(0, model.cfg.vocab_size, (2, 11))
     targets[1, 4] = IGNORE_INDEX
@@ -123,10 +137,9 @@ def test_model_fused_loss_equals_the_logits_path(recompute):
         assert err <= 2e-6 * scale, (name, err, scale)
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_model_fused_loss_under_bf16_autocast(recompute):
+def test_model_fused_loss_under_bf16_autocast():
     """The GPU layout on CPU: bf16 autocast around the forward; fused and logits paths agree to bf16."""
-    model = build(seed=4, num_nextn_predict_layers=1, loss_chunk_size=7, loss_recompute=recompute)
+    model = build(seed=4, num_nextn_predict_layers=1, loss_chunk_size=7)
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 12))
     results = []
     for return_logits in (False, True):

@@ -56,15 +56,12 @@ def test_671b_weights_by_precision_and_what_makes_it_fit(v3):
     assert bf16["memory_per_gpu_bytes"]["weights"] == pytest.approx(2 * local, rel=1e-6)
     fp32 = plan(load_config("configs/671b.yaml", ["model.precision=fp32"]))
     assert fp32["fits"] is False and fp32["memory_per_gpu_bytes"]["weights"] == pytest.approx(4 * local, rel=1e-6)
-    # as configured the layout fits (71.3 of 72 GiB); the heads forming their gradients in the
-    # forward instead would hold each head's fp32 (vocab x hidden) dW to backward: 3.7 GB each for
-    # the main and MTP heads, one of them counted already while its recomputed backward runs
+    # as configured the layout fits (71.3 of 72 GiB), with the main and MTP heads sharing one
+    # fp32 (vocab x hidden) dW held from forward to backward: one per head would not fit
     assert v3["fits"] and v3["memory_per_gpu_bytes"]["total"] > 0.95 * v3["usable_gpu_mem_bytes"]
-    formed = plan(load_config("configs/671b.yaml", ["model.loss_recompute=false"]))
     dw = 129280 * 7168 * 4
-    grew = formed["memory_per_gpu_bytes"]["activations"] - v3["memory_per_gpu_bytes"]["activations"]
-    assert grew == 2 * dw - dw - 2 * 4096 * 4  # two held dWs, less one running dW and two heads' lse
-    assert not formed["fits"]
+    assert v3["memory_per_gpu_bytes"]["activations"] > dw
+    assert v3["memory_per_gpu_bytes"]["total"] + dw > v3["usable_gpu_mem_bytes"]
     text = format_plan(v3)
     assert "-> fits" in text and "bf16 module weights" in text and "one block's at a time" in text
 
@@ -74,9 +71,9 @@ def test_fused_head_counts_its_held_gradients_not_logits():
     mc = load_config("configs/16b.yaml").model
     heads, tokens = 1 + mc.num_nextn_predict_layers, ref["layout"]["micro_batch_size"] * ref["layout"]["seq_len"]
     logits = heads * tokens * mc.vocab_size * (2 + 4)  # reference: bf16 logits and their fp32 softmax
-    grads = heads * mc.vocab_size * mc.hidden_size * 4  # fused: fp32 dW per head, from forward to backward
+    grads = mc.vocab_size * mc.hidden_size * 4  # fused: one fp32 dW for every head, from forward to backward
     dh = heads * tokens * mc.hidden_size * 2  # each head's bf16 input gradient, kept too
-    running = 256 * mc.vocab_size * (2 + 4) + mc.vocab_size * mc.hidden_size * 2  # one head's chunk buffers, partial dW
+    running = 256 * mc.vocab_size * (2 + 4) + mc.vocab_size * mc.hidden_size * 2  # a chunk's buffers, partial dW
     diff = ref["memory_per_gpu_bytes"]["activations"] - fused["memory_per_gpu_bytes"]["activations"]
     assert diff == pytest.approx(logits - grads - dh - running, rel=1e-3), (diff, logits, grads)
 
@@ -197,8 +194,8 @@ def _held_for_backward(cfg, checkpointing: bool = False) -> tuple[int, int]:
         if node is None or node in seen:
             continue
         seen.add(node)
-        held += sum(t.untyped_storage().nbytes() for t in (getattr(node, "dh", None), getattr(node, "dw", None))
-                    if isinstance(t, torch.Tensor))
+        grads = [*(getattr(node, "dhs", None) or []), getattr(node, "dw", None)]
+        held += sum(t.untyped_storage().nbytes() for t in grads if isinstance(t, torch.Tensor))
         todo.extend(n for n, _ in node.next_functions)
     per_block = {}
     for ptr, block in block_of_storage.items():
@@ -207,11 +204,11 @@ def _held_for_backward(cfg, checkpointing: bool = False) -> tuple[int, int]:
     return sum(storages.values()) + held, max(per_block.values(), default=0)
 
 
-@pytest.mark.parametrize("overrides", [(), ("model.loss_recompute=true",), ("model.num_nextn_predict_layers=0",)])
+@pytest.mark.parametrize("overrides", [(), ("model.num_nextn_predict_layers=0",)])
 def test_activation_estimate_against_what_autograd_keeps(overrides):
     """The plan's activations for the smoke model (fp32, 8 x 128 tokens) against the bytes a real
     forward leaves for backward: never below, and above only by the transient buffers it also
-    counts (the head's chunk buffers; measured 4-9% over)."""
+    counts (the head's chunk buffers; measured 6% over)."""
     from train.plan import activation_bytes
 
     cfg = load_config("configs/smoke.yaml", list(overrides))
@@ -224,7 +221,7 @@ def test_activation_estimate_with_checkpointing():
     """With activation checkpointing the peak is what the forward keeps (block inputs, heads) plus
     one block rebuilt in backward: measured as the checkpointed forward's saved bytes plus the
     most one block saves without checkpointing. The plan also counts the head's transient chunk
-    buffers (16.8 MB here, a larger share than without checkpointing): measured 1.29x."""
+    buffers (16.8 MB here, a larger share than without checkpointing): measured 1.33x."""
     from train.plan import activation_bytes
 
     cfg = load_config("configs/smoke.yaml", ["train.activation_checkpointing=true"])
