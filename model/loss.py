@@ -103,7 +103,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         first = True
         for k, (h, coef) in enumerate(zip(hs, coefs)):
             valid, n_valid, row_scale, safe_targets = _row_scale(targets[k])
-            scale = row_scale if coef == 1.0 else row_scale * coef  # this head's weight in the sum
+            scale = row_scale * coef  # this head's weight in the sum, in its rows' 1/n
             loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
             dh = torch.empty_like(h) if want_grad else None
             for start in range(0, h.shape[0], chunk):
@@ -124,7 +124,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.dhs, ctx.dw = (dhs, dw) if want_grad else (None, None)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(losses)
-        return _weighted_sum(losses, coefs), losses
+        # the one value the gradients are formed for: Σ_k coefs[k]·CE_k
+        return (losses * losses.new_tensor(coefs)).sum(), losses
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor, _grad_losses: torch.Tensor):
@@ -141,13 +142,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 dh.mul_(grad_total.to(dh.dtype))
             dw.mul_(grad_total)
         return (dw.to(ctx.weight_dtype), None, None, *(g for dh in dhs for g in (dh, None)))
-
-
-def _weighted_sum(losses: torch.Tensor, coefs: tuple[float, ...]) -> torch.Tensor:
-    """Σ_k coefs[k]·losses[k], the one value the heads' gradients are formed for."""
-    if len(coefs) == 1 and coefs[0] == 1.0:
-        return losses[0].clone()
-    return (losses * torch.tensor(coefs, dtype=losses.dtype, device=losses.device)).sum()
 
 
 def linear_cross_entropy_heads(weight: torch.Tensor, heads: list[tuple[torch.Tensor, torch.Tensor]],

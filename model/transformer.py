@@ -252,19 +252,15 @@ class DeepSeekV3(nn.Module):
         weight = self.cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
         logits = None
         if self.cfg.loss_chunk_size > 0 and not return_logits:
-            # every head in one fused call: L = lm_loss + (λ/D) Σ_k mtp_loss_k, one shared dW
-            head_weight = self.lm_head.weight
-            if torch.is_autocast_enabled(h.device.type):  # one cast for the main and MTP heads
-                head_weight = head_weight.to(torch.get_autocast_dtype(h.device.type))
+            # every head in one fused call (one weight cast under autocast, one shared dW):
+            # L = lm_loss + (λ/D) Σ_k mtp_loss_k
             coefs = [1.0] + [weight / depth for _ in range(depth)]
-            loss, per_head = self.head_loss(head_weight, heads, coefs, self.cfg.loss_chunk_size)
+            loss, per_head = self.head_loss(self.lm_head.weight, heads, coefs, self.cfg.loss_chunk_size)
             lm_loss, mtp_loss = per_head[0], per_head[1:].mean() if depth else None
         else:
-            per_head = []
-            for h_k, targets_k in heads:
-                logits_k = self.lm_head(h_k)
-                logits = logits_k if logits is None else logits  # the main head's
-                per_head.append(logits_cross_entropy(logits_k, targets_k))
+            all_logits = [self.lm_head(h_k) for h_k, _ in heads]
+            logits = all_logits[0]  # the main head's, returned
+            per_head = [logits_cross_entropy(lg, targets_k) for lg, (_, targets_k) in zip(all_logits, heads)]
             lm_loss, mtp_loss = per_head[0], torch.stack(per_head[1:]).mean() if depth else None
             loss = lm_loss if mtp_loss is None else lm_loss + weight * mtp_loss
         balance = torch.stack(aux).sum() if aux else None

@@ -9,8 +9,8 @@ profiled step.
 Breakdown method: one more optimizer step runs under torch.profiler (CPU activity, plus CUDA on
 GPU). Forward hooks open `record_function` scopes around MLA (attention), the router, the routed
 experts and, inside them, each grouped expert GEMM; the fused output head + cross-entropy
-(model.loss, which forms its gradients in the forward) is scoped as head_loss, and the engine's
-step as optimizer.
+(model.loss, which forms its gradients in the forward) is scoped as head_loss, and the
+engine's step as optimizer.
 Forward time of a part is its scope's duration (expert dispatch/permutation = routed-experts scope
 minus its GEMMs). Backward ops are attributed through autograd's sequence numbers: every
 `autograd::engine::evaluate_function` event carries the sequence number of the forward op that

@@ -269,8 +269,7 @@ def check_model_matches(meta: dict, cfg: ModelConfig, where: Path) -> None:
     saved = meta.get("model", {})
     ours = cfg.to_dict()
     # fields that do not change the weights may differ
-    free = {"moe_impl", "loss_chunk_size", "precision", "mtp_loss_weight", "seq_aux_loss_alpha",
-            "initializer_range"}
+    free = {"moe_impl", "loss_chunk_size", "precision", "mtp_loss_weight", "seq_aux_loss_alpha", "initializer_range"}
     for key in sorted(set(saved) | set(ours)):
         if key in free:
             continue
