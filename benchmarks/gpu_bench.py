@@ -15,9 +15,10 @@ and `fp8` (`model.precision=fp8` through `fp8.backend`, Transformer Engine by de
 report's blockwise recipe). `--fp8 auto` runs fp8 only when `transformer_engine.pytorch`
 imports. Overrides given after `--` go last to every run, so they win over the variant's.
 
-Writes --out/gpu_bench.json (every run's `dsv3 bench --json` object under its variant and
-precision, plus the command lines) and prints one row per run: tokens/s, MFU, peak memory and
-the three largest parts of the profiled step.
+Writes --out/gpu_bench.json after every run (each `dsv3 bench --json` object under its variant and
+precision, the command lines, and the stderr of any run that failed) and prints one row per run:
+tokens/s, MFU, peak memory and the three largest parts of the profiled step. All BF16 runs go
+first; a failed run is reported and the rest still run; the exit status is 1 if any failed.
 """
 
 from __future__ import annotations
@@ -51,13 +52,13 @@ def precisions(fp8: str, fp8_backend: str) -> dict[str, list[str]]:
     return runs
 
 
-def bench_once(overrides: list[str], steps: int, warmup: int) -> tuple[dict, list[str]]:
+def bench_once(overrides: list[str], steps: int, warmup: int) -> tuple[dict | None, list[str], str]:
+    """(the bench's JSON object or None when it failed, its command line, the end of its stderr)."""
     cmd = [sys.executable, "-m", "train.cli", "bench", CONFIG, "--json", "--steps", str(steps),
            "--warmup", str(warmup), *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "WANDB_SILENT": "true"})
-    if proc.returncode != 0:
-        raise SystemExit(f"gpu_bench: {' '.join(cmd[2:])} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout), cmd[1:]
+    result = json.loads(proc.stdout) if proc.returncode == 0 else None
+    return result, cmd[1:], proc.stderr[-4000:]
 
 
 def top_parts(r: dict, n: int = 3) -> str:
@@ -79,20 +80,31 @@ def main() -> int:
     args = p.parse_args()
 
     runs = precisions(args.fp8, args.fp8_backend)
-    report = {"config": CONFIG, "variants": {}, "commands": {}}
-    print(f"{'variant':<16} {'precision':<9} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9}  largest parts")
-    for variant in args.variants:
-        for precision, prec_overrides in runs.items():
-            result, cmd = bench_once([*VARIANTS[variant], *prec_overrides, *args.overrides], args.steps, args.warmup)
-            report["variants"].setdefault(variant, {})[precision] = result
-            report["commands"][f"{variant}/{precision}"] = " ".join(cmd)
-            print(f"{variant:<16} {precision:<9} {result['tokens_per_s']:10.0f} {result['mfu'] * 100:6.2f}% "
-                  f"{result['peak_mem_bytes'] / 2**30:9.2f}  {top_parts(result)}", flush=True)
+    report = {"config": CONFIG, "variants": {}, "commands": {}, "failed": {}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
+    print(f"{'variant':<16} {'precision':<9} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9}  largest parts")
+    # every BF16 run before any FP8 one, and a failed run does not stop the rest: on a GPU lent for
+    # minutes the BF16 figures come first and an FP8 failure still leaves them
+    for precision, prec_overrides in runs.items():
+        for variant in args.variants:
+            name = f"{variant}/{precision}"
+            result, cmd, stderr = bench_once([*VARIANTS[variant], *prec_overrides, *args.overrides],
+                                             args.steps, args.warmup)
+            report["commands"][name] = " ".join(cmd)
+            if result is None:
+                report["failed"][name] = stderr
+                last = (stderr.strip().splitlines() or ["(no output)"])[-1]
+                print(f"{variant:<16} {precision:<9} FAILED: {last}", flush=True)
+            else:
+                report["variants"].setdefault(variant, {})[precision] = result
+                print(f"{variant:<16} {precision:<9} {result['tokens_per_s']:10.0f} {result['mfu'] * 100:6.2f}% "
+                      f"{result['peak_mem_bytes'] / 2**30:9.2f}  {top_parts(result)}", flush=True)
+            (out / "gpu_bench.json").write_text(json.dumps(report, indent=2))  # after each run: kept if cut off
     print(f"wrote {out / 'gpu_bench.json'}", file=sys.stderr)
-    return 0
+    for name, stderr in report["failed"].items():
+        print(f"gpu_bench: {name} failed:\n{stderr}", file=sys.stderr)
+    return 1 if report["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -62,3 +62,20 @@ def test_256_expert_variant_in_bf16_and_fp8_on_cpu(tmp_path):
     assert table == [[variant, "bf16"], [variant, "fp8"]]
     assert "model.precision=fp8" in report["commands"][f"{variant}/fp8"]
     assert "model.precision=fp8" not in report["commands"][f"{variant}/bf16"]
+
+
+def test_a_failed_run_is_reported_and_the_others_still_run(tmp_path):
+    """fp8 through TE cannot start on CPU: the BF16 run before it keeps its figures, the failure is
+    recorded with its reason, and the exit status says something failed."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_bench.py", "--steps", "1", "--warmup", "0", "--variants", "single_gpu",
+         "--fp8", "on", "--fp8-backend", "te", "--out", str(tmp_path), "--", *TINY],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert set(report["variants"]["single_gpu"]) == {"bf16"}
+    assert report["variants"]["single_gpu"]["bf16"]["tokens_per_s"] > 0
+    assert set(report["failed"]) == {"single_gpu/fp8"}
+    assert "fp8.backend" in report["failed"]["single_gpu/fp8"]
+    assert "single_gpu       fp8       FAILED: " in proc.stdout
