@@ -12,8 +12,8 @@ Variants, both on configs/single_gpu.yaml:
 Each (variant, precision) pair is its own `python -m train.cli bench --json` process, so each
 gets a fresh CUDA allocator and its own peak memory. Precisions: `bf16` (the config as shipped)
 and `fp8` (`model.precision=fp8` through `fp8.backend`, Transformer Engine by default, the
-report's blockwise recipe). `--fp8 auto` runs fp8 only when `transformer_engine.pytorch`
-imports. Overrides given after `--` go last to every run, so they win over the variant's.
+report's blockwise recipe). `--fp8 auto` (the default) runs fp8 through TE only when
+`transformer_engine.pytorch` imports; `--fp8-backend emulated` runs it anywhere. Overrides given after `--` go last to every run, so they win over the variant's.
 
 Writes --out/gpu_bench.json after every run (each `dsv3 bench --json` object under its variant and
 precision, the command lines, and the stderr of any run that failed) and prints one row per run:
