@@ -144,14 +144,14 @@ def activation_bytes(cfg: Config) -> float:
         per_token = (n_dense * per["dense_block"] + n_moe * per["moe_block"] + depth * per["mtp_block"]
                      + heads + embedding)
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
-    head_grads = 0
+    fused_head = 0  # per micro-batch, not per token: the shared dW and one chunk's buffers
     if mc.loss_chunk_size > 0:  # the fused head (model/loss.py)
         v, d = mc.vocab_size, mc.hidden_size
-        head_grads = v * d * 4  # the heads' one fp32 weight gradient, held from forward to backward
-        head_grads += min(mc.loss_chunk_size, tokens) * v * (act_bytes + 4)  # a chunk's logits, fp32 softmax
+        fused_head = v * d * 4  # the heads' one fp32 weight gradient, held from forward to backward
+        fused_head += min(mc.loss_chunk_size, tokens) * v * (act_bytes + 4)  # a chunk's logits, fp32 softmax
         if act_bytes < 4:
-            head_grads += v * d * act_bytes  # and its low-precision partial dW
-    return per_token * tokens + head_grads
+            fused_head += v * d * act_bytes  # and its low-precision partial dW
+    return per_token * tokens + fused_head
 
 
 def _bytes_per_param(cfg: Config) -> dict[str, float]:
