@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -44,10 +45,12 @@ def generate(model: DeepSeekV3, prompt_ids: list[int], max_new_tokens: int, temp
     cache, which is fine at smoke scale and keeps this obviously correct."""
     if not prompt_ids:
         raise ConfigError("prompt", None, "has no tokens")
-    if temperature < 0:
-        raise ConfigError("--temperature", temperature, "must be at least 0 (0: greedy)")
+    if not temperature >= 0 or math.isinf(temperature):  # `not >=`: NaN fails too
+        raise ConfigError("--temperature", temperature, "a finite number, at least 0 (0: greedy)")
     if not 0 <= top_p <= 1:
         raise ConfigError("--top-p", top_p, "a fraction in [0, 1] (0: greedy)")
+    if max_new_tokens < 0:
+        raise ConfigError("--tokens", max_new_tokens, "must be at least 0")
     g = torch.Generator().manual_seed(seed)
     ids = list(prompt_ids)
     window = model.cfg.max_position_embeddings
@@ -57,7 +60,8 @@ def generate(model: DeepSeekV3, prompt_ids: list[int], max_new_tokens: int, temp
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:
-            probs = torch.softmax(logits / temperature, dim=-1)
+            # shifted by the largest logit first, so a tiny temperature gives 0/-inf, never inf - inf
+            probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < top_p  # smallest set whose mass reaches top_p
             keep[0] = True  # and never empty: top_p = 0 is greedy

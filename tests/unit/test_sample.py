@@ -31,10 +31,17 @@ def test_top_p_one_samples_from_the_whole_distribution(model):
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    (dict(temperature=-0.5), "--temperature"), (dict(top_p=1.5), "--top-p"), (dict(top_p=-0.1), "--top-p")])
+    (dict(temperature=-0.5), "--temperature"), (dict(temperature=float("nan")), "--temperature"),
+    (dict(temperature=float("inf")), "--temperature"), (dict(top_p=1.5), "--top-p"), (dict(top_p=-0.1), "--top-p"),
+    (dict(top_p=float("nan")), "--top-p"), (dict(max_new_tokens=-3), "--tokens")])
 def test_out_of_range_settings_are_refused_by_name(model, kwargs, field):
     with pytest.raises(ConfigError, match=field):
-        generate(model, [1, 2], 3, **kwargs)
+        generate(model, [1, 2], **{"max_new_tokens": 3, **kwargs})
+
+
+def test_a_tiny_temperature_is_greedy_not_a_failure(model):
+    # logits / 1e-45 overflowed to inf and softmax gave NaN, which multinomial refused
+    assert generate(model, [1, 2, 3], 12, temperature=1e-45, top_p=1.0) == generate(model, [1, 2, 3], 12)
 
 
 def test_a_prompt_without_tokens_is_refused(model):
