@@ -74,7 +74,10 @@ _SAME_NAME = [
 
 
 # ---------------------------------------------------------------- config
-def config_to_hf(cfg: ModelConfig) -> dict:
+def config_to_hf(cfg: ModelConfig, eod_token_id: int | None = None) -> dict:
+    """config.json's fields. `eod_token_id`: the tokenizer's end-of-document token, written as both
+    bos and eos (documents were trained as `ids <eod> ids <eod> ...`, so one starts after it);
+    without one, transformers falls back to the release's ids (bos 0, eos 1), another tokenizer's."""
     if cfg.scoring_func != "sigmoid":
         raise ValueError(
             f"model.scoring_func={cfg.scoring_func!r}: HF's DeepseekV3 routes with sigmoid only; "
@@ -93,16 +96,18 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         num_key_value_heads=cfg.num_attention_heads, attention_bias=False, rope_parameters=rope,
         topk_method="noaux_tc", torch_dtype="float32",
     )
+    if eod_token_id is not None:
+        d.update(bos_token_id=eod_token_id, eos_token_id=eod_token_id)
     return d
 
 
 def config_from_hf(d: dict) -> ModelConfig:
     if d.get("model_type") not in (None, "deepseek_v3"):
-        raise ValueError(f"config.json model_type={d.get('model_type')!r}: expected 'deepseek_v3'")
+        raise ValueError(f"model_type={d.get('model_type')!r}: expected 'deepseek_v3'")
     if d.get("attention_bias"):
-        raise ValueError("config.json attention_bias=true: DeepSeek-V3 has no attention biases")
+        raise ValueError("attention_bias=true: DeepSeek-V3 has no attention biases")
     if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json hidden_act={d['hidden_act']!r}: only silu is supported")
+        raise ValueError(f"hidden_act={d['hidden_act']!r}: only silu is supported")
     kw = {k: d[k] for k in _SAME_NAME if k in d}
     # Old-style configs (the official release) use rope_theta + rope_scaling{type: yarn, ...}.
     rope = d.get("rope_parameters") or dict(d.get("rope_scaling") or {}, rope_theta=d.get("rope_theta", 10000.0))
@@ -116,11 +121,11 @@ def config_from_hf(d: dict) -> ModelConfig:
             mscale=float(rope.get("mscale") or 0), mscale_all_dim=float(rope.get("mscale_all_dim") or 0),
         )
     elif rope_type != "default":
-        raise ValueError(f"config.json rope type {rope_type!r}: only default and yarn are supported")
+        raise ValueError(f"rope type {rope_type!r}: only default and yarn are supported")
     kw.setdefault("num_nextn_predict_layers", d.get("num_mtp_layers", 0))
     kw.pop("tie_word_embeddings", None)  # validated by ModelConfig when True
     if d.get("tie_word_embeddings"):
-        raise ValueError("config.json tie_word_embeddings=true: DeepSeek-V3 does not tie embeddings")
+        raise ValueError("tie_word_embeddings=true: DeepSeek-V3 does not tie embeddings")
     return ModelConfig(**kw)
 
 
@@ -196,7 +201,9 @@ class HFReader:
     def __init__(self, path: Path, cfg: ModelConfig):
         self.path, self.cfg = path, cfg
         index = path / "model.safetensors.index.json"
-        if index.exists():
+        if (path / "model.safetensors").exists():  # transformers' order: the single file before an index
+            files = ["model.safetensors"]
+        elif index.exists():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         else:
             files = sorted(p.name for p in path.glob("*.safetensors"))
@@ -298,16 +305,38 @@ def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor, bloc
 
 
 # ---------------------------------------------------------------- files
-def read_hf(path: str | Path, **overrides) -> HFReader:
-    """An HF-format directory (config.json + safetensors) opened for reading under our names, its
-    names and shapes checked against its config (overrides go to ModelConfig); nothing read yet."""
-    path = Path(path)
-    cfg_file = path / "config.json"
+# The ModelConfig fields an HF config.json determines (the rest, e.g. precision or the MTP loss
+# weight, are training choices it does not describe).
+HF_FIELDS = (*_SAME_NAME, "rope_theta", "rope_scaling")
+
+
+def read_hf_config(path: str | Path) -> ModelConfig:
+    """The model an HF-format directory's config.json describes (fields outside HF_FIELDS at
+    their defaults)."""
+    cfg_file = Path(path) / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file}: not found (expected an HF DeepseekV3 checkpoint directory)")
-    cfg = config_from_hf(json.loads(cfg_file.read_text()))
-    if overrides:
-        cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
+    try:
+        d = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{cfg_file}: not valid JSON ({err})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object, found {type(d).__name__}")
+    try:
+        return config_from_hf(d)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{cfg_file}: {err}") from None
+
+
+def read_hf(path: str | Path, cfg: ModelConfig | None = None, **overrides) -> HFReader:
+    """An HF-format directory (config.json + safetensors) opened for reading under our names, its
+    names and shapes checked against `cfg` (None: its config.json's, with `overrides` applied to
+    ModelConfig's fields); nothing read yet."""
+    path = Path(path)
+    if cfg is None:
+        cfg = read_hf_config(path)
+        if overrides:
+            cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
     reader = HFReader(path, cfg)
     try:
         reader.check()
@@ -340,14 +369,30 @@ def save_pretrained(model: DeepSeekV3, path: str | Path, max_shard_bytes: int = 
     write_hf(model.state_dict(), model.cfg, path, max_shard_bytes)
 
 
+# What write_hf writes, and what a loader would mistake for part of its output if left from before.
+_HF_OUTPUTS = ("config.json", "model.safetensors.index.json", "*.safetensors", "*.safetensors.partial")
+# Kept fp32 whatever the export dtype: transformers keeps the routing correction bias in fp32 (it
+# moves by γ = 1e-3 a step; bf16's spacing near |b| = 1 is 4-8 such steps), so rounding it on the
+# way out would change which experts the exported model routes to.
+_FP32_ALWAYS = ("e_score_correction_bias",)
+
+
 def write_hf(source, cfg: ModelConfig, path: str | Path, max_shard_bytes: int = 5 * 1024**3,
-             dtype: torch.dtype | None = None) -> None:
+             dtype: torch.dtype | None = None, eod_token_id: int | None = None) -> None:
     """config.json and safetensors shards of at most max_shard_bytes (one tensor larger than that
     gets a shard of its own) from `source` (our names -> tensors, read lazily: see hf_tensors),
-    each shard written as soon as it is full; tensors cast to `dtype` (None: as stored)."""
+    each shard written as soon as it is full; tensors cast to `dtype` (None: as stored), except
+    the routing correction biases. A directory that already holds an HF checkpoint is refused:
+    its shards would outlive the export beside the new ones, and loaders disagree on which to
+    read. `eod_token_id`: see config_to_hf."""
     path = Path(path)
+    stale = sorted({f.name for pattern in _HF_OUTPUTS for f in path.glob(pattern)}) if path.is_dir() else []
+    if stale:
+        raise FileExistsError(f"{path} already holds an HF checkpoint ({', '.join(stale[:3])}"
+                              f"{', ...' if len(stale) > 3 else ''}); export into a new directory or remove "
+                              "those files first (nothing was written)")
+    config = config_to_hf(cfg, eod_token_id)
     path.mkdir(parents=True, exist_ok=True)
-    config = config_to_hf(cfg)
     meta = {"format": "pt"}
     written, current, size, total, dtypes = [], {}, 0, 0, set()
 
@@ -360,7 +405,8 @@ def write_hf(source, cfg: ModelConfig, path: str | Path, max_shard_bytes: int = 
     for name, t in hf_tensors(source, cfg):
         # contiguous copies: safetensors refuses views and tensors sharing storage (the MTP copies
         # of the embedding and head)
-        t = t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous().clone()
+        cast = dtype if dtype is not None and not name.endswith(_FP32_ALWAYS) else t.dtype
+        t = t.detach().to(device="cpu", dtype=cast).contiguous().clone()
         dtypes.add(t.dtype)
         if current and size + t.nbytes > max_shard_bytes:
             flush()
@@ -369,7 +415,7 @@ def write_hf(source, cfg: ModelConfig, path: str | Path, max_shard_bytes: int = 
         size += t.nbytes
         total += t.nbytes
     flush()
-    config["torch_dtype"] = str(max(dtypes, key=lambda d: d.itemsize)).removeprefix("torch.")
+    config["torch_dtype"] = str(dtype or max(dtypes, key=lambda d: d.itemsize)).removeprefix("torch.")
     if len(written) == 1:
         (path / written[0][0]).rename(path / "model.safetensors")
     else:
@@ -382,3 +428,15 @@ def write_hf(source, cfg: ModelConfig, path: str | Path, max_shard_bytes: int = 
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
         )
     (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_tokenizer(tokenizer_file: str | Path, path: str | Path, eod_token: str | None, model_max_length: int) -> None:
+    """tokenizer.json and a tokenizer_config.json naming its end-of-document token as bos and eos
+    (see config_to_hf), so transformers' AutoTokenizer knows where a document ends."""
+    path = Path(path)
+    (path / "tokenizer.json").write_bytes(Path(tokenizer_file).read_bytes())
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+               "clean_up_tokenization_spaces": False}  # decode as the byte-level BPE does, spaces untouched
+    if eod_token is not None:
+        tok_cfg.update(bos_token=eod_token, eos_token=eod_token)
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))

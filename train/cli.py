@@ -70,12 +70,21 @@ def cmd_export_hf(args) -> int:
     from .sample import resolve_run
 
     cfg, ckpt = resolve_run(args.run_dir)
-    with ckpt_io.TensorReader(ckpt, "model") as weights:  # one tensor at a time, never the whole model
-        hf.write_hf(weights, cfg.model, args.out_dir, dtype=getattr(torch, args.dtype))
     tok = Path(args.run_dir) / "tokenizer.json"
+    eod = None
     if tok.is_file():
-        (Path(args.out_dir) / "tokenizer.json").write_bytes(tok.read_bytes())
-    print(f"exported {ckpt} to {args.out_dir}", file=sys.stderr)
+        from tokenizers import Tokenizer
+
+        from .data import eod_token
+
+        eod = eod_token(Tokenizer.from_file(str(tok)))  # (name, id) or None
+    with ckpt_io.TensorReader(ckpt, "model") as weights:  # one tensor at a time, never the whole model
+        hf.write_hf(weights, cfg.model, args.out_dir, dtype=getattr(torch, args.dtype),
+                    eod_token_id=eod[1] if eod else None)
+    if tok.is_file():
+        hf.write_tokenizer(tok, args.out_dir, eod[0] if eod else None, cfg.model.max_position_embeddings)
+    print(f"exported {ckpt} to {args.out_dir}" + ("" if tok.is_file() else f" (no tokenizer: {tok} is missing)"),
+          file=sys.stderr)
     return 0
 
 
@@ -85,19 +94,33 @@ def cmd_import_hf(args) -> int:
     from . import checkpoint as ckpt_io
     from .config import load_config, save_config
 
-    with hf.read_hf(args.hf_dir) as reader:  # names and shapes checked first; tensors read as written
-        cfg = load_config(args.config, args.overrides)
-        cfg.model = reader.cfg
-        cfg.train.run_dir = str(args.out_run_dir)
+    out = Path(args.out_run_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # a run there would resume its own checkpoints, not these weights, and its config would be lost
+        raise FileExistsError(f"{out}: exists and is not an empty directory; import-hf makes a new run directory "
+                              "(nothing was written)")
+    try:
+        # the model: what config.json says, the YAML's model fields it does not describe (precision,
+        # MTP loss weight, ...), and model.* overrides over both (their shapes are checked below)
+        arch = hf.read_hf_config(args.hf_dir).to_dict()
+        cfg = load_config(args.config, args.overrides,
+                          layer=(f"{Path(args.hf_dir) / 'config.json'}", {"model": {k: arch[k] for k in hf.HF_FIELDS}}))
+        cfg.train.run_dir = str(out)
         cfg.validate()
-        out = Path(args.out_run_dir)
+        reader = hf.read_hf(args.hf_dir, cfg.model)  # names and shapes checked first; tensors read as written
+    except (ValueError, KeyError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        print(f"dsv3 import-hf: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+    with reader:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         tok = Path(args.hf_dir) / "tokenizer.json"
         if tok.is_file():
             (out / "tokenizer.json").write_bytes(tok.read_bytes())
         # a layer at a time: its tensors are read, converted, written and dropped
-        ckpt = ckpt_io.save_weights_only(reader, out, reader.cfg)
+        ckpt = ckpt_io.save_weights_only(reader, out, cfg.model)
     print(f"wrote {ckpt}; start training from it with train.resume={out}", file=sys.stderr)
     return 0
 
@@ -211,10 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Options go before the positional arguments: dsv3 import-hf --config configs/smoke.yaml HF_DIR "
                "OUT_RUN_DIR train.steps=100",
     )
-    sp.add_argument("--config", default=None, help="YAML for the other sections (data, optim, ...)")
+    sp.add_argument("--config", default=None,
+                    help="YAML for the other sections (data, optim, ...) and the model fields config.json does "
+                         "not describe (precision, ...); model.* overrides apply over config.json")
     sp.add_argument("hf_dir")
     sp.add_argument("out_run_dir")
-    sp.add_argument("overrides", nargs="*", help="dotted.key=value for the other sections")
+    sp.add_argument("overrides", nargs="*", help="dotted.key=value")
     sp.set_defaults(fn=cmd_import_hf)
 
     sp = _options_anywhere(with_config(
@@ -262,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"dsv3 {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
+    except (FileNotFoundError, FileExistsError) as err:
         print(f"dsv3 {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:

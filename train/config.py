@@ -359,8 +359,12 @@ def _check_sources(items, source: str) -> None:
             raise ConfigError(f"data.sources[{i}].{inner.key}", None, inner.allowed) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """YAML file + dotted `key=value` overrides -> validated Config. Raises ConfigError."""
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                layer: tuple[str, dict] | None = None) -> Config:
+    """YAML file + dotted `key=value` overrides -> validated Config. Raises ConfigError.
+
+    `layer`: (what it is, a partial config tree) merged over the file and under the overrides,
+    e.g. the model an HF checkpoint's config.json describes (dsv3 import-hf)."""
     schema = OmegaConf.structured(Config)
     source = str(path) if path else "defaults"
     try:
@@ -379,6 +383,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                 raise ConfigError("config", str(p), f"not valid YAML: {problem}{at}") from None
             _precheck(raw, source)
             merged = OmegaConf.merge(merged, OmegaConf.create(raw))
+        if layer is not None:
+            source = f"{source} + {layer[0]}"
+            merged = OmegaConf.merge(merged, OmegaConf.create(layer[1]))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(item, None, "overrides are dotted.key=value")

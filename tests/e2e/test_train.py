@@ -161,7 +161,11 @@ def test_export_hf_matches_transformers(straight_run, tmp_path):
     tokens = torch.randint(0, ours.cfg.vocab_size, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), ref(tokens).logits, atol=1e-5, rtol=0)
-    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    # the tokenizer goes along, and both it and the model know where a document ends (without
+    # that, transformers took the release's eos id 1, another tokenizer's, and generate ran on)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.eos_token == "<|endoftext|>" and ref.config.eos_token_id == tok.eos_token_id
+    assert ref.generation_config.eos_token_id == tok.eos_token_id
 
 
 def test_checkpoint_and_export_files_are_readable_like_their_json(straight_run, tmp_path):
@@ -191,6 +195,29 @@ def test_import_hf_starts_a_run_from_those_weights(tiny_data, straight_run, tmp_
             "train.steps=1")
     # step 0 evaluates the imported weights: the trained model's final val loss, not a fresh init's
     assert abs(rows(run)[0]["val_loss"] - rows(straight_run)[-1]["val_loss"]) < 1e-5
+
+
+def test_import_hf_model_fields_come_from_config_json_then_the_yaml_then_overrides(straight_run, tmp_path):
+    """config.json fixes the architecture; the YAML's model fields it does not describe, and any
+    model.* override, used to be dropped silently for the defaults."""
+    from train.config import load_config
+
+    run_cli("export-hf", str(straight_run), str(tmp_path / "hf"))
+    yaml = tmp_path / "other.yaml"
+    yaml.write_text(Path("configs/smoke.yaml").read_text().replace("mtp_loss_weight: 0.3", "mtp_loss_weight: 0.2"))
+    run_cli("import-hf", "--config", str(yaml), str(tmp_path / "hf"), str(tmp_path / "a"),
+            "model.max_position_embeddings=128", "model.moe_impl=loop")
+    m = load_config(tmp_path / "a" / "config.yaml").model
+    trained = load_config(straight_run / "config.yaml").model
+    assert (m.hidden_size, m.n_routed_experts) == (trained.hidden_size, trained.n_routed_experts)  # config.json's
+    assert m.mtp_loss_weight == 0.2  # the YAML's: config.json does not say
+    assert (m.max_position_embeddings, m.moe_impl) == (128, "loop")  # the overrides
+    # an override that changes a shape is checked against the stored tensors
+    proc = run_cli("import-hf", str(tmp_path / "hf"), str(tmp_path / "b"), "model.hidden_size=96", "data.seq_len=32",
+                   check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "embed_tokens.weight has shape (384, 64), config expects (384, 96)" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "b").exists()
 
 
 GAMMAS = (0.0, 0.005)

@@ -26,6 +26,15 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
 def bad_files(tmp_path) -> Path:
     (tmp_path / "bad.yaml").write_text("model: {hidden_size: 64\n  oops: [\n")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    import torch
+
+    from model.hf import save_safetensors
+
+    for name, config in (("hf_badjson", '{"model_type": "deepseek_v3",'), ("hf_llama", '{"model_type": "llama"}'),
+                         ("hf_other", '{"model_type": "deepseek_v3"}'), ("hf_stale", "{}")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(config)
+        save_safetensors({"other.weight": torch.zeros(2)}, tmp_path / name / "model.safetensors")
     return tmp_path
 
 
@@ -74,6 +83,16 @@ ROWS = [
     ("listed shards that do not exist",
      ["train", SMOKE, "{data}", "train.run_dir={tmp}/run", "data.train_shards={tmp}/gone-{0..2}.tar"],
      ["data.train_shards: shard ", "gone-0.tar does not exist (and 2 more)"]),
+    ("import-hf: config.json not JSON", ["import-hf", "{tmp}/hf_badjson", "{tmp}/new"],
+     ["hf_badjson/config.json: not valid JSON"]),
+    ("import-hf: another architecture", ["import-hf", "{tmp}/hf_llama", "{tmp}/new"],
+     ["hf_llama/config.json: model_type='llama'", "expected 'deepseek_v3'"]),
+    ("import-hf: weights of another model", ["import-hf", "{tmp}/hf_other", "{tmp}/new"],
+     ["hf_other: checkpoint lacks embed_tokens.weight"]),
+    ("import-hf into a run directory", ["import-hf", "{tmp}/hf_other", "{run}"],
+     ["exists and is not an empty directory", "nothing was written"]),
+    ("export-hf over an HF checkpoint", ["export-hf", "{run}", "{tmp}/hf_stale"],
+     ["hf_stale already holds an HF checkpoint (config.json, model.safetensors)", "nothing was written"]),
     ("fp8 backend te without a GPU",
      ["train", SMOKE, "{data}", "train.run_dir={tmp}/run", "model.precision=fp8", "fp8.backend=te"],
      ["fp8.backend='te'", "needs a CUDA GPU", "fp8.backend=emulated"]),

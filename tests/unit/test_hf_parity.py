@@ -211,7 +211,58 @@ def test_export_goes_tensor_by_tensor_into_bounded_shards(tmp_path):
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     back = hf.from_pretrained(tmp_path / "bf16")
     for k, v in model.state_dict().items():
-        assert torch.equal(back.state_dict()[k], v.to(torch.bfloat16).to(v.dtype)), k
+        # the routing correction biases stay fp32 (transformers keeps them so): exact
+        want = v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16).to(v.dtype)
+        assert torch.equal(back.state_dict()[k], want), k
+
+
+def test_bf16_export_keeps_the_routing_bias_in_fp32_as_transformers_does(tmp_path):
+    model = build(seed=8)
+    with torch.no_grad():
+        for moe in model.moe_layers():  # values bf16 cannot hold (its spacing at 0.7 is 2**-8)
+            moe.gate.e_score_correction_bias.copy_(0.7 + 1e-3 * torch.arange(moe.gate.e_score_correction_bias.numel()))
+    hf.write_hf(model.state_dict(), model.cfg, tmp_path, dtype=torch.bfloat16)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    theirs = {k: v for k, v in ref.state_dict().items() if k.endswith("e_score_correction_bias")}
+    ours = {k: v for k, v in model.state_dict().items() if k.startswith("layers.") and k.endswith("correction_bias")}
+    assert len(theirs) == len(ours) > 0
+    for k, v in ours.items():
+        assert theirs["model." + k].dtype == torch.float32 and torch.equal(theirs["model." + k], v), k
+    assert ref.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_export_refuses_a_directory_holding_a_checkpoint_and_reads_like_transformers(tmp_path):
+    """Old shards beside a new model.safetensors: transformers reads the single file, we read an
+    index first, so the two loaded different weights. write_hf now refuses such a directory, and
+    the reader takes the single file first, as transformers does."""
+    old, new = build(seed=1), build(seed=2)
+    hf.write_hf(old.state_dict(), old.cfg, tmp_path / "d", max_shard_bytes=150_000)  # shards + index
+    before = sorted(f.name for f in (tmp_path / "d").iterdir())
+    with pytest.raises(FileExistsError, match="already holds an HF checkpoint"):
+        hf.write_hf(new.state_dict(), new.cfg, tmp_path / "d")
+    assert sorted(f.name for f in (tmp_path / "d").iterdir()) == before  # nothing written
+    (tmp_path / "d" / "notes.txt").write_text("a directory with other files is fine")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "notes.txt").write_text("")
+    hf.write_hf(new.state_dict(), new.cfg, tmp_path / "e")
+    # a stale index beside a single file (another tool's doing): both loaders take the single file
+    for f in (tmp_path / "d").glob("model-*"):
+        (tmp_path / "e" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "e" / "model.safetensors.index.json").write_bytes((tmp_path / "d" / "model.safetensors.index.json").read_bytes())
+    back = hf.from_pretrained(tmp_path / "e").state_dict()
+    assert all(torch.equal(back[k], v) for k, v in new.state_dict().items())
+    theirs = _hf_model(tmp_path / "e").model.embed_tokens.weight
+    assert torch.equal(theirs, new.embed_tokens.weight)
+
+
+def test_the_end_of_document_token_is_bos_and_eos_of_the_export(tmp_path):
+    model = build(seed=3)
+    hf.write_hf(model.state_dict(), model.cfg, tmp_path / "with", eod_token_id=5)
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "with").eos_token_id == 5
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "with").bos_token_id == 5
+    assert _hf_model(tmp_path / "with").generation_config.eos_token_id == 5
+    hf.write_hf(model.state_dict(), model.cfg, tmp_path / "without")
+    assert "eos_token_id" not in json.loads((tmp_path / "without" / "config.json").read_text())
 
 
 def test_import_writes_one_part_per_layer_and_reads_each_tensor_once(tmp_path, monkeypatch):
