@@ -106,17 +106,30 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def incomplete_checkpoints(root: Path) -> list[Path]:
+    """step_* directories under root without their meta file, oldest first: a save interrupted
+    between the rename and the meta file (a moment), or a checkpoint damaged since. Never resumed
+    from, and never deleted: a save at the same step moves one aside first (set_aside_later)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.suffix != ".partial"
+             and not (p / META).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
 def set_aside_later(run_dir: Path, step: int) -> tuple[Path, list[str]] | None:
-    """Move the run's complete checkpoints past `step`, the step training starts from, out of
-    checkpoints/ into run_dir/checkpoints-superseded-<UTC time>/; returns (that folder, their names).
+    """Move the run's checkpoints past `step`, the step training starts from, complete or not, out
+    of checkpoints/ into run_dir/checkpoints-superseded-<UTC time>/, with a copy of metrics.jsonl
+    as it was; returns (that folder, their names).
 
     They belong to a run this one does not continue: an earlier run in the same directory (a
     start over with train.resume=never), or steps after a checkpoint resumed explicitly or past a
     damaged newest one. Left in place, auto-resume would later pick them over this run's own
-    checkpoints, and retention (newest step numbers kept) would delete this run's saves instead.
-    Moved, never deleted."""
+    checkpoints, retention (newest step numbers kept) would delete this run's saves instead, and
+    a save at the same step would replace one. Moved, never deleted."""
     root = run_dir / "checkpoints"
-    later = [c for c in complete_checkpoints(root) if int(c.name.split("_")[1]) > step]
+    later = sorted((c for c in complete_checkpoints(root) + incomplete_checkpoints(root)
+                    if int(c.name.split("_")[1]) > step), key=lambda c: c.name)
     if not later:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -128,6 +141,9 @@ def set_aside_later(run_dir: Path, step: int) -> tuple[Path, list[str]] | None:
     dest.mkdir(parents=True)
     for c in later:
         c.rename(dest / c.name)
+    metrics = run_dir / "metrics.jsonl"  # this run truncates it to its starting step, or empties it
+    if metrics.is_file():
+        shutil.copy2(metrics, dest / metrics.name)
     _point_latest(root)
     return dest, [c.name for c in later]
 
@@ -165,6 +181,8 @@ def resolve_resume(resume: str, run_dir: Path, log=None, collective: bool = True
         return path
     roots = [run_dir / "checkpoints"] if resume == "auto" else [path / "checkpoints", path]
     for root in roots:
+        for ckpt in incomplete_checkpoints(root):
+            say(f"checkpoint {ckpt} has no {META} (a save that did not finish, or damage): not resumed from")
         found = complete_checkpoints(root)
         for ckpt in reversed(found):
             problem = verify(ckpt, collective)

@@ -193,12 +193,15 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
 
     if resume_from is not None:  # continuing a run on other data would be silently wrong
         check_tokenizer_matches(run_dir, train_samples.manifest, cfg.data.dir)
+        if resume_from.parent.name == "checkpoints":  # and the run the checkpoint is from, when another
+            check_tokenizer_matches(resume_from.parent.parent, train_samples.manifest, cfg.data.dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         moved = ckpt_io.set_aside_later(run_dir, step)
         if moved:
             _log0(rank, f"moved {len(moved[1])} checkpoint(s) past step {step} that this run does not continue "
-                        f"({', '.join(moved[1])}) to {moved[0]}; delete that folder when it is not needed")
+                        f"({', '.join(moved[1])}) and a copy of metrics.jsonl to {moved[0]}; delete that folder "
+                        "when it is not needed")
         save_config(cfg, run_dir / "config.yaml")
         # beside the train manifest: data.dir's, or data.train_shards' folder for shards made elsewhere
         tok = train_samples.manifest_path.parent / "tokenizer.json"

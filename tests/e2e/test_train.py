@@ -137,8 +137,24 @@ def test_start_over_sets_the_earlier_runs_checkpoints_aside(tiny_data, straight_
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000003"]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     (aside,) = run.glob("checkpoints-superseded-*")
-    assert sorted(p.name for p in aside.iterdir()) == ["step_00000006", "step_00000008"]
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step_00000006", "step_00000008"]
+    assert (aside / "metrics.jsonl").read_text() == (straight_run / "metrics.jsonl").read_text()  # the old run's
     assert all((aside / n / "dsv3_meta.json").is_file() for n in ("step_00000006", "step_00000008"))
+
+
+def test_resuming_another_runs_checkpoint_checks_that_runs_tokenizer(tiny_data, straight_run, tmp_path):
+    """The tokenizer check compared the data with the new run directory's tokenizer.json, which a
+    run resumed from another directory does not have yet: it passed on any data."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(straight_run, other)
+    tok = other / "tokenizer.json"
+    tok.write_text(tok.read_text() + "\n")  # another tokenizer, as far as the check can tell
+    proc = run_cli("train", "configs/smoke.yaml", *tiny_data, f"train.run_dir={tmp_path / 'new'}",
+                   f"train.resume={other}", "train.steps=9", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"its tokenizer differs from the one run {other} was trained with" in proc.stderr
 
 
 def test_bad_override_exits_2_naming_key_and_file(tiny_data):
