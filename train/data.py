@@ -39,6 +39,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -425,26 +426,71 @@ def _up_to_date(out_dir: Path, spec: dict) -> dict | None:
         return None
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (ValueError, UnicodeDecodeError):
         return None
-    if manifest.get("build") != spec:
+    if not isinstance(manifest, dict) or manifest.get("build") != spec:
         return None
     tok = out_dir / TOKENIZER
     if not tok.is_file() or _sha256(tok.read_bytes()) != manifest.get("tokenizer_sha256"):
         return None
-    for split in ("train", "val"):
-        if not all((out_dir / s["url"]).is_file() for s in manifest[split]["shards"]):
-            return None
+    try:
+        for split in ("train", "val"):
+            for s in manifest[split]["shards"]:  # each shard there, at the size it was written (when recorded)
+                shard = out_dir / s["url"]
+                if not shard.is_file() or shard.stat().st_size != s.get("bytes", shard.stat().st_size):
+                    return None
+    except (KeyError, TypeError, AttributeError):  # a damaged manifest: rebuild
+        return None
     return manifest
 
 
-def _remove_outputs(out_dir: Path) -> None:
-    """Remove a previous preparation, manifest first: from here until the new manifest is written
-    there is no manifest, so nothing can point at half-written shards."""
+_SHARD_NAME = re.compile(r"(train|val)-\d{6}\.tar")  # what _write_shards names its shards
+_WRITING = ".prepare-data.writing"  # present while a preparation replaces its outputs
+
+
+def _outputs(out_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(the files an earlier preparation here wrote, the files named as its shards would be that no
+    preparation of this folder wrote). Its own: the shards its manifest lists, its .tmp files, and,
+    when one was interrupted while replacing its outputs (_WRITING present), every file of a shard's
+    name. Anything else in the folder is the user's: never deleted."""
+    if not out_dir.is_dir():
+        return [], []
+    listed = set()
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+        listed = {s["url"] for split in ("train", "val") for s in manifest[split]["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: it lists nothing
+        pass
+    writing = (out_dir / _WRITING).exists()
+    own, foreign = [], []
+    for p in sorted(out_dir.iterdir()):
+        name = p.name
+        if name.endswith(".tmp") and (_SHARD_NAME.fullmatch(name[:-4]) or name[:-4] in (MANIFEST, TOKENIZER)):
+            own.append(p)
+        elif _SHARD_NAME.fullmatch(name):
+            (own if name in listed or writing else foreign).append(p)
+    return own, foreign
+
+
+def _remove_outputs(out_dir: Path, log: Callable[[str], None]) -> None:
+    """Remove a previous preparation's files (see _outputs), manifest first: from here until the
+    new manifest is written there is no manifest, so nothing can point at half-written shards, and
+    _WRITING marks the folder's shard-named files as this preparation's until then. Files named as
+    its shards would be that no preparation here wrote are moved aside, never deleted."""
+    own, foreign = _outputs(out_dir)
+    if foreign:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = out_dir / f"not-from-prepare-data-{stamp}"
+        dest.mkdir()
+        for p in foreign:
+            p.rename(dest / p.name)
+        names = ", ".join(p.name for p in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        log(f"prepare-data: moved {names}, which no {MANIFEST} here lists and which this preparation would "
+            f"overwrite, to {dest}; delete that folder when it is not needed")
+    (out_dir / _WRITING).touch()
     (out_dir / MANIFEST).unlink(missing_ok=True)
-    for pattern in ("train-*.tar", "val-*.tar", "train-*.tar.tmp", "val-*.tar.tmp", "*.json.tmp"):
-        for p in out_dir.glob(pattern):
-            p.unlink()
+    for p in own:
+        p.unlink(missing_ok=True)
 
 
 def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> dict:
@@ -546,7 +592,7 @@ def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> dict:
             )
 
         # 4. write: old outputs go (manifest first), shards and tokenizer next, the manifest last
-        _remove_outputs(out_dir)
+        _remove_outputs(out_dir, log)
         _write_atomic(out_dir / TOKENIZER, tok_bytes)
         splits = {}
         for split in ("train", "val"):
@@ -584,6 +630,7 @@ def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> dict:
         "build": spec,
     }
     _write_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    (out_dir / _WRITING).unlink(missing_ok=True)
     log(f"prepare-data: wrote {splits['train']['samples']} train / {splits['val']['samples']} val samples of "
         f"{d.seq_len + 1} tokens ({len(splits['train']['shards'])} + {len(splits['val']['shards'])} shards) "
         f"to {out_dir} in {time.perf_counter() - t0:.1f}s")
@@ -593,6 +640,33 @@ def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> dict:
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
+
+
+def read_manifest(path: Path) -> dict:
+    """A data folder's manifest.json, its shape checked (the fields loading reads): a damaged one
+    is a ConfigError naming the file, not a traceback from wherever a field is first missing."""
+    rebuild = "delete it and run `dsv3 prepare-data CONFIG` to rebuild the data"
+    try:
+        m = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError("data.dir", str(path.parent), f"{path.name} is not valid JSON ({err}); {rebuild}") from None
+    problem = None
+    if not isinstance(m, dict):
+        problem = f"is a JSON {type(m).__name__}, not an object"
+    else:
+        missing = [k for k in ("format", "seq_len", "vocab_size", "eod_id", "train", "val") if k not in m]
+        if missing:
+            problem = f"lacks {', '.join(missing)}"
+        else:
+            for split in ("train", "val"):
+                shards = m[split].get("shards") if isinstance(m[split], dict) else None
+                if not isinstance(shards, list) or not all(isinstance(e, dict) and "url" in e and "nsamples" in e
+                                                          for e in shards):
+                    problem = f"{split}.shards is not a list of {{url, nsamples}}"
+                    break
+    if problem:
+        raise ConfigError("data.dir", str(path.parent), f"{path.name} {problem}; {rebuild}")
+    return m
 
 
 def _expand_local_shards(pattern: str, key: str) -> list[Path]:
@@ -713,7 +787,7 @@ class TokenSamples:
             paths = _expand_local_shards(pattern, key)
             # a manifest beside the shards (they came from prepare-data) still gets checked
             self.manifest_path = paths[0].parent / MANIFEST
-            self.manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else None
+            self.manifest = read_manifest(self.manifest_path) if self.manifest_path.is_file() else None
             try:
                 counts = count_shard_samples(paths, *(ranks or (0, 1, None)), warn=lambda k, why: self._mark_bad(
                     k, paths[k], why, dead=True))
@@ -733,7 +807,7 @@ class TokenSamples:
                     f"no prepared data: {what} {data_dir if what == 'data dir' else self.manifest_path} not found "
                     f"(data.dir={cfg.data.dir}); run `dsv3 prepare-data CONFIG` first"
                 )
-            self.manifest = json.loads(self.manifest_path.read_text())
+            self.manifest = read_manifest(self.manifest_path)
             entries = self.manifest[split]["shards"]
             self.shards = [(data_dir / s["url"], int(s["nsamples"])) for s in entries]
             self._sizes = [s.get("bytes") for s in entries]
@@ -805,11 +879,17 @@ class TokenSamples:
         what = "skipping it" if dead else "skipping its unreadable samples"
         print(f"dsv3: warning: bad {self.split} shard {path}: {why}; {what}", file=sys.stderr, flush=True)
 
+    @property
+    def _rebuild(self) -> str:
+        # prepare-data rebuilds a shard whose size changed by itself, one damaged in place only
+        # once the manifest is gone
+        return f"delete {self.manifest_path} and run `dsv3 prepare-data CONFIG` to rebuild the data"
+
     def _every_shard_bad(self):
         if self.pattern:
             raise ConfigError(f"data.{self.split}_shards", self.pattern, f"every {self.split} shard is unreadable")
         raise ConfigError("data.dir", str(self.manifest_path.parent),
-                          f"every {self.split} shard is unreadable; re-run `dsv3 prepare-data CONFIG`")
+                          f"every {self.split} shard is unreadable; {self._rebuild}")
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
@@ -900,7 +980,7 @@ class TokenSamples:
         if len(self._dead) == len(self.shards):
             self._every_shard_bad()
         raise ConfigError("data.dir", str(self.manifest_path.parent),
-                          f"no readable {self.split} sample left; re-run `dsv3 prepare-data CONFIG`")
+                          f"no readable {self.split} sample left; {self._rebuild}")
 
     def close(self) -> None:
         while self._open:

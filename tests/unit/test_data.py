@@ -189,6 +189,58 @@ def test_interrupted_prepare_leaves_no_manifest(tmp_path, monkeypatch):
     assert prepare_data(cfg, log=lambda s: None)["seq_len"] == 2 * SEQ
 
 
+def test_prepare_never_removes_or_overwrites_shards_it_did_not_write(tmp_path):
+    """Every train-*.tar / val-*.tar in data.dir used to be deleted as an earlier preparation's;
+    now only the shards its manifest lists (or an interrupted preparation's) are."""
+    _txt_corpus(tmp_path / "docs", n=4)
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "train-mine-000.tar").write_bytes(b"a user's shard")  # not a name prepare-data writes: left alone
+    cfg = _cfg(out, [SourceConfig(kind="txt", path=str(tmp_path / "docs"))])
+    prepare_data(cfg, log=lambda s: None)
+    cfg.data.seq_len = 2 * SEQ  # a rebuild removes only what the first preparation wrote
+    prepare_data(cfg, log=lambda s: None)
+    assert (out / "train-mine-000.tar").read_bytes() == b"a user's shard"
+
+    # shards named as ours would be, and no manifest listing them (a user's, or a preparation's
+    # whose manifest was damaged): moved aside, not overwritten
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    for name in ("train-000000.tar", "val-000000.tar"):
+        (theirs / name).write_bytes(b"a user's shard")
+    logs: list[str] = []
+    prepare_data(_cfg(theirs, cfg.data.sources), log=logs.append)
+    (aside,) = theirs.glob("not-from-prepare-data-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["train-000000.tar", "val-000000.tar"]
+    assert all(p.read_bytes() == b"a user's shard" for p in aside.iterdir())
+    assert "moved train-000000.tar, val-000000.tar, which no manifest.json here lists" in " ".join(logs)
+    assert (theirs / "train-000000.tar").read_bytes() != b"a user's shard"  # the new preparation's
+
+
+def test_a_shard_whose_size_changed_is_rebuilt(tmp_path):
+    """prepare-data said "up to date" over a truncated shard, though training's error told the
+    user to re-run it."""
+    _txt_corpus(tmp_path / "docs", n=4)
+    cfg = _cfg(tmp_path / "data", [SourceConfig(kind="txt", path=str(tmp_path / "docs"))])
+    prepare_data(cfg, log=lambda s: None)
+    shard = tmp_path / "data" / "val-000000.tar"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:1000])
+    logs: list[str] = []
+    prepare_data(cfg, log=logs.append)
+    assert "up to date" not in " ".join(logs) and shard.read_bytes() == good
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"format": 1,', "manifest.json is not valid JSON"), ("[1, 2]", "manifest.json is a JSON list, not an object"),
+    ('{"format": 1}', "manifest.json lacks seq_len, vocab_size, eod_id, train, val")])
+def test_a_damaged_manifest_is_named_not_a_traceback(prepared, tmp_path, text, problem):
+    cfg, _ = _copy_prepared(prepared, tmp_path / "data")
+    (tmp_path / "data" / "manifest.json").write_text(text)
+    with pytest.raises(ConfigError, match=f"data.dir=.*: {problem}.*delete it and run `dsv3 prepare-data"):
+        TokenSamples(cfg, "train")
+
+
 def test_no_validation_split(tmp_path):
     _txt_corpus(tmp_path / "docs", n=3)
     cfg = _cfg(tmp_path / "data", [SourceConfig(kind="txt", path=str(tmp_path / "docs"))], "data.val_documents=0")
