@@ -8,6 +8,7 @@ and the file. Cross-field checks live in `Config.validate`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +187,7 @@ class Config:
 
     def validate(self) -> None:
         """Checks across fields and sections (ModelConfig checks itself)."""
+        _check_finite(self)  # NaN passes every `< 0` test below, and inf trains to NaN weights
         self.model.validate()
         t, p = self.train, self.parallel
         for key in ("steps", "micro_batch_size", "global_batch_size", "eval_interval", "eval_batches", "max_bad_steps"):
@@ -237,8 +239,9 @@ class Config:
             if not 0 <= getattr(self.optim, key) < 1:
                 raise ConfigError(f"optim.{key}", getattr(self.optim, key), "must be in [0, 1)")
         for key in ("warmup_steps", "decay_steps", "stable_steps", "const_until", "cosine_until", "batch_ramp_steps",
-                    "bias_update_rate", "mtp_weight", "mtp_weight_late"):
-            if getattr(self.schedule, key) < 0:
+                    "bias_update_rate", "mtp_weight", "mtp_weight_late", "final_from", "final_lr", "bias_update_stop",
+                    "mtp_weight_switch"):
+            if (getattr(self.schedule, key) or 0) < 0:  # (the optional ones: None is off)
                 raise ConfigError(f"schedule.{key}", getattr(self.schedule, key), "must be >= 0")
         if self.schedule.batch_ramp_start is not None:
             start, inc = self.schedule.batch_ramp_start, self.schedule.batch_ramp_increment
@@ -288,6 +291,20 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def _check_finite(obj, prefix: str = "") -> None:
+    """Every float field of a config dataclass (sections and lists of them included) is finite."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, value, "must be a finite number")
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check_finite(item, f"{key}[{i}].")
+
+
 def _choice(key: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(key, value, f"one of {', '.join(map(str, allowed))}")
@@ -310,7 +327,7 @@ def _precheck(tree, source: str) -> None:
     errors would not name the key: each section is a mapping, and each data.sources entry is
     checked alone (see _check_sources)."""
     if not isinstance(tree, dict):
-        return
+        raise ConfigError("config", source, f"a YAML mapping of sections (model:, data:, ...), not a {type(tree).__name__}")
     for f in dataclasses.fields(Config):
         section = tree.get(f.name)
         if section is not None and not isinstance(section, dict):

@@ -26,6 +26,7 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
 def bad_files(tmp_path) -> Path:
     (tmp_path / "bad.yaml").write_text("model: {hidden_size: 64\n  oops: [\n")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    (tmp_path / "list.yaml").write_text("- model\n- data\n")
     import torch
 
     from model.hf import save_safetensors
@@ -64,6 +65,10 @@ ROWS = [
     ("unknown wandb mode", ["train", SMOKE, "logging.wandb=maybe"],
      ["logging.wandb='maybe'", "online, offline, disabled"]),
     ("negative min_lr", ["train", SMOKE, "optim.min_lr=-1"], ["optim.min_lr=-1.0", ">= 0"]),
+    ("NaN lr", ["train", SMOKE, "optim.lr=nan"], ["optim.lr=nan", "must be a finite number"]),
+    ("infinite norm eps", ["train", SMOKE, "model.rms_norm_eps=inf"], ["model.rms_norm_eps=inf", "finite"]),
+    ("negative final lr", ["train", SMOKE, "schedule.final_lr=-0.5"], ["schedule.final_lr=-0.5", ">= 0"]),
+    ("a YAML list", ["train", "{tmp}/list.yaml"], ["list.yaml", "a YAML mapping of sections", "not a list"]),
     ("zero checkpoint.keep", ["train", SMOKE, "checkpoint.keep=0"], ["checkpoint.keep=0", "positive"]),
     ("override without =", ["train", SMOKE, "train.steps"], ["train.steps", "dotted.key=value"]),
     ("missing config file", ["train", "configs/nope.yaml"], ["config='configs/nope.yaml'", "file not found"]),
