@@ -19,7 +19,12 @@ collective op. "other" is the rest (embedding, norms, dense/shared MLPs, glue). 
 train.activation_checkpointing the recompute runs in backward under the same scopes, so each
 part includes its recompute (and a backward op that triggers one does not count it again).
 Profiler overhead makes the profiled step slower than the timed ones; the parts are reported in
-seconds of that step and as fractions of it.
+seconds of that step and as fractions of it. A collective inside a scope (expert dispatch's
+all-to-all) counts as communication only.
+
+Several ranks (torchrun): one report, printed by rank 0, with the slowest rank's step times, the
+largest peak memory, the mean of the ranks' peak FLOP/s (on CPU each rank measures its own) and
+rank 0's breakdown.
 """
 
 from __future__ import annotations
@@ -62,22 +67,26 @@ class _Scopes:
 
         model.head_loss = scoped_head_loss
         self.restore.append((model, "head_loss", head_loss))
-        kinds = {MLA: "attention", Router: "router", RoutedExperts: "experts",
-                 DecoderLayer: _BLOCK, MTPModule: _BLOCK}
+        # isinstance: an expert-parallel shard, or TE's grouped experts, subclass RoutedExperts
+        kinds = ((MLA, "attention"), (Router, "router"), (RoutedExperts, "experts"),
+                 (DecoderLayer, _BLOCK), (MTPModule, _BLOCK))
         for m in model.modules():
-            name = kinds.get(type(m))
+            name = next((n for cls, n in kinds if isinstance(m, cls)), None)
             if name is None:
                 continue
             self._scope(m, name)
             if name == "experts":
-                gemm = m.gemm
+                # the grouped GEMMs where expert_ffn calls them; a class with an FFN of its own
+                # (TE's GroupedLinear) is timed whole, its SwiGLU included
+                attr = "gemm" if type(m).expert_ffn is RoutedExperts.expert_ffn else "expert_ffn"
+                fn = getattr(m, attr)
 
-                def scoped_gemm(x, w, counts, _gemm=gemm):
+                def scoped(*args, _fn=fn):
                     with torch.profiler.record_function(_SCOPE + "expert_gemm"):
-                        return _gemm(x, w, counts)
+                        return _fn(*args)
 
-                m.gemm = scoped_gemm
-                self.restore.append((m, "gemm", gemm))
+                setattr(m, attr, scoped)
+                self.restore.append((m, attr, fn))
 
     def _scope(self, module, name):
         def pre(mod, args):
@@ -117,10 +126,23 @@ def breakdown_from_profile(events) -> dict[str, float]:
             p = p.cpu_parent
         return None
 
+    def comm_within(ev) -> float:
+        """Microseconds of collectives inside ev (the outermost ones, not inside a nested scope,
+        which accounts for its own): they count as communication, so the part that issued them
+        (expert dispatch's all-to-all) does not count them again."""
+        total, todo = 0.0, list(ev.cpu_children)
+        while todo:
+            child = todo.pop()
+            if _is_comm(child.name):
+                total += child.cpu_time_total
+            elif not child.name.startswith(_SCOPE):
+                todo.extend(child.cpu_children)
+        return total
+
     for ev in events:
         if ev.name.startswith(_SCOPE) and ev.name != _SCOPE + _BLOCK:
             part = ev.name[len(_SCOPE):]
-            dur = ev.cpu_time_total / 1e6
+            dur = (ev.cpu_time_total - comm_within(ev)) / 1e6
             if part == "expert_gemm":
                 seconds["expert_gemm"] += dur
                 seconds["dispatch"] -= dur  # nested in the experts scope
@@ -150,7 +172,8 @@ def breakdown_from_profile(events) -> dict[str, float]:
     for ev in events:
         if ev.name.startswith("autograd::engine::evaluate_function") and ev.sequence_nr in seq_part:
             part = seq_part[ev.sequence_nr]
-            seconds["dispatch" if part == "experts" else part] += (ev.cpu_time_total - recompute_time(ev)) / 1e6
+            own = ev.cpu_time_total - recompute_time(ev) - comm_within(ev)
+            seconds["dispatch" if part == "experts" else part] += own / 1e6
     return dict(seconds)
 
 
@@ -207,12 +230,23 @@ def bench(cfg, steps: int = 10, warmup: int = 2, profile: bool = True, log=None)
         _sync(info.device)
         times.append(time.perf_counter() - t0)
     peak_mem = peak_memory(info.device)
+    peak, peak_src = run_peak_flops(cfg, info.device)
+    loss_value = float(loss)
+    if world > 1:
+        # one report for the job: the steps are synchronous, so the slowest rank's time is the
+        # step's; the most memory any rank took; the mean of the ranks' peaks (on CPU each measures
+        # its own) and losses
+        slowest = pe.all_reduce_(torch.tensor(times, dtype=torch.float64), op=torch.distributed.ReduceOp.MAX)
+        times = slowest.tolist()
+        peak_mem = int(pe.all_reduce_(torch.tensor([peak_mem], dtype=torch.float64),
+                                      op=torch.distributed.ReduceOp.MAX).item())
+        sums = pe.all_reduce_(torch.tensor([peak, loss_value], dtype=torch.float64))
+        peak, loss_value = (sums / world).tolist()
 
     step_time = sum(times) / len(times)
     tokens_per_step = t.global_batch_size * seq  # all ranks
     tokens_per_s = tokens_per_step / step_time
     fpt = flops_per_token(cfg.model, seq)
-    peak, peak_src = run_peak_flops(cfg, info.device)
     result = {
         "config": None,
         "device": str(info.device),
@@ -232,7 +266,7 @@ def bench(cfg, steps: int = 10, warmup: int = 2, profile: bool = True, log=None)
         "peak_source": peak_src,
         "mfu": mfu(tokens_per_s, fpt, peak, world),
         "peak_mem_bytes": peak_mem,
-        "loss": float(loss),
+        "loss": loss_value,
     }
     if profile:
         scopes = _Scopes(engine.module)
@@ -258,6 +292,7 @@ def bench(cfg, steps: int = 10, warmup: int = 2, profile: bool = True, log=None)
         result["profiled_step_time_s"] = profiled
         result["breakdown_method"] = ("torch.profiler on one extra step; forward hooks scope MLA/router/experts/"
                                       "expert GEMMs, backward attributed by autograd sequence number")
+        result["breakdown_rank"] = info.rank  # (only rank 0's report is printed)
     pe.shutdown_distributed()
     return result
 

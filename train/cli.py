@@ -144,7 +144,8 @@ def cmd_bench(args) -> int:
         if args.json:
             sys.stdout = real_stdout
     result["config"] = str(args.config)
-    print(json.dumps(result) if args.json else format_bench(result))
+    if int(os.environ.get("RANK", "0")) == 0:  # one report per job: the ranks' figures are combined in bench
+        print(json.dumps(result) if args.json else format_bench(result))
     return 0
 
 
