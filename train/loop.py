@@ -216,129 +216,133 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         return TrainResult(step, None, None, run_dir)
 
     logger = MetricsLogger(run_dir, cfg, rank, resume=step > 0)
-    if step > 0:
-        logger.truncate_after(step)
-    _log0(rank, startup_summary(cfg, world))
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    peak, peak_src = run_peak_flops(cfg, info.device)
-    _log0(rank, f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_src}); {fpt / 1e6:.4g} MFLOP/token")
+    try:
+        if step > 0:
+            logger.truncate_after(step)
+        _log0(rank, startup_summary(cfg, world))
+        fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+        peak, peak_src = run_peak_flops(cfg, info.device)
+        _log0(rank, f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_src}); {fpt / 1e6:.4g} MFLOP/token")
 
-    first_val = None
-    val_loss = val_step = None
-    if step == 0:
-        val_loss = first_val = evaluate(engine, val, info)
-        val_step = 0
-        logger.log(0, val_loss=val_loss)
-        _log0(rank, f"step 0: val_loss {val_loss:.4f}")
+        first_val = None
+        val_loss = val_step = None
+        if step == 0:
+            val_loss = first_val = evaluate(engine, val, info)
+            val_step = 0
+            logger.log(0, val_loss=val_loss)
+            _log0(rank, f"step 0: val_loss {val_loss:.4f}")
 
-    current_batch = cfg.train.global_batch_size
-    bar = _progress(cfg, rank, step)
-    nan_step = int(os.environ.get("DSV3_FAULT_NAN_STEP", "0"))  # fault injection for tests: NaN grads at this step
-    engine.train()
-    while step < cfg.train.steps:
-        step += 1
-        t0 = time.perf_counter()
-        lr = schedule.learning_rate(cfg, step)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        batch = schedule.global_batch_size(cfg, step)
-        if batch != current_batch:
-            engine.set_train_batch_size(batch)
-            current_batch = batch
-        lam = schedule.mtp_weight(cfg, step)
+        current_batch = cfg.train.global_batch_size
+        bar = _progress(cfg, rank, step)
+        nan_step = int(os.environ.get("DSV3_FAULT_NAN_STEP", "0"))  # fault injection for tests: NaN grads at this step
+        engine.train()
+        while step < cfg.train.steps:
+            step += 1
+            t0 = time.perf_counter()
+            lr = schedule.learning_rate(cfg, step)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            batch = schedule.global_batch_size(cfg, step)
+            if batch != current_batch:
+                engine.set_train_batch_size(batch)
+                current_batch = batch
+            lam = schedule.mtp_weight(cfg, step)
 
-        engine.dsv3_nonfinite = False  # set again by this step's norm, when DeepSpeed computes it
-        expert_counts = None
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, lm_loss, mtp_loss over micro-batches
-        micro = stream.next(batch)
-        if info.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(info.device)
-        for i, (tokens, targets) in enumerate(micro):
-            # The optimizer steps after this step's last micro-batch, said outright: DeepSpeed's own
-            # rule (a run-long micro-batch count modulo the current accumulation count) drifts off
-            # the step's boundaries once a batch-size ramp changes that count.
-            engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
-            with fp8.autocast(engine.module, first_microbatch=i == 0):  # TE reuses FP8 weight casts after i = 0
-                out = engine(tokens.to(info.device), targets.to(info.device), mtp_weight=lam)
-            loss = out.loss * float("nan") if step == nan_step else out.loss
-            engine.backward(loss)
-            engine.step()
-            c = out.expert_counts.detach().to(torch.float64).cpu()
-            expert_counts = c if expert_counts is None else expert_counts + c
-            mtp = out.mtp_loss.item() if out.mtp_loss is not None else 0.0
-            sums += torch.tensor([out.loss.item(), out.lm_loss.item(), mtp], dtype=torch.float64)
-        # one collective for the step's scalars and the expert counts
-        packed = torch.cat([sums / len(micro), expert_counts.flatten()])
-        pe.all_reduce_(packed)
-        means = packed[:3] / world
-        step_counts = packed[3:].view_as(expert_counts)
-        # A non-finite loss or gradient norm (agreed across ranks: both come from all-reduces)
-        # skipped the optimizer step (parallel.engine); skip the bias update too, count it, and
-        # stop after train.max_bad_steps in a row, leaving the last good checkpoint.
-        bad = pe.step_skipped(engine) or not torch.isfinite(means).all().item()
-        if bad:
-            skipped += 1
-            consecutive_bad += 1
-            _log0(rank, f"step {step}: non-finite loss or gradient norm, optimizer step skipped "
-                        f"({consecutive_bad} in a row, {skipped} in all)")
-            if consecutive_bad >= cfg.train.max_bad_steps:
-                raise TrainingError(
-                    f"halting at step {step}: {consecutive_bad} consecutive steps with non-finite loss or "
-                    f"gradient norm (train.max_bad_steps={cfg.train.max_bad_steps}); last good checkpoint: "
-                    f"{_last_checkpoint(run_dir)}")
-        else:
-            consecutive_bad = 0
-        gamma = schedule.bias_update_rate(cfg, step)
-        if gamma > 0 and step_counts.numel() and not bad:
-            engine.module.update_routing_bias(step_counts.to(info.device), gamma)
-        reported = engine.get_global_grad_norm()  # the true global norm (parallel.engine), before clipping
-        grad_norm = float(reported) if reported is not None else None
-        dt = time.perf_counter() - t0
-        tokens_per_s = batch * cfg.data.seq_len / dt
+            engine.dsv3_nonfinite = False  # set again by this step's norm, when DeepSpeed computes it
+            expert_counts = None
+            sums = torch.zeros(3, dtype=torch.float64)  # loss, lm_loss, mtp_loss over micro-batches
+            micro = stream.next(batch)
+            if info.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(info.device)
+            for i, (tokens, targets) in enumerate(micro):
+                # The optimizer steps after this step's last micro-batch, said outright: DeepSpeed's own
+                # rule (a run-long micro-batch count modulo the current accumulation count) drifts off
+                # the step's boundaries once a batch-size ramp changes that count.
+                engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
+                with fp8.autocast(engine.module, first_microbatch=i == 0):  # TE reuses FP8 weight casts after i = 0
+                    out = engine(tokens.to(info.device), targets.to(info.device), mtp_weight=lam)
+                loss = out.loss * float("nan") if step == nan_step else out.loss
+                engine.backward(loss)
+                engine.step()
+                c = out.expert_counts.detach().to(torch.float64).cpu()
+                expert_counts = c if expert_counts is None else expert_counts + c
+                mtp = out.mtp_loss.item() if out.mtp_loss is not None else 0.0
+                sums += torch.tensor([out.loss.item(), out.lm_loss.item(), mtp], dtype=torch.float64)
+            # one collective for the step's scalars and the expert counts
+            packed = torch.cat([sums / len(micro), expert_counts.flatten()])
+            pe.all_reduce_(packed)
+            means = packed[:3] / world
+            step_counts = packed[3:].view_as(expert_counts)
+            # A non-finite loss or gradient norm (agreed across ranks: both come from all-reduces)
+            # skipped the optimizer step (parallel.engine); skip the bias update too, count it, and
+            # stop after train.max_bad_steps in a row, leaving the last good checkpoint.
+            bad = pe.step_skipped(engine) or not torch.isfinite(means).all().item()
+            if bad:
+                skipped += 1
+                consecutive_bad += 1
+                _log0(rank, f"step {step}: non-finite loss or gradient norm, optimizer step skipped "
+                            f"({consecutive_bad} in a row, {skipped} in all)")
+                if consecutive_bad >= cfg.train.max_bad_steps:
+                    raise TrainingError(
+                        f"halting at step {step}: {consecutive_bad} consecutive steps with non-finite loss or "
+                        f"gradient norm (train.max_bad_steps={cfg.train.max_bad_steps}); last good checkpoint: "
+                        f"{_last_checkpoint(run_dir)}")
+            else:
+                consecutive_bad = 0
+            gamma = schedule.bias_update_rate(cfg, step)
+            if gamma > 0 and step_counts.numel() and not bad:
+                engine.module.update_routing_bias(step_counts.to(info.device), gamma)
+            reported = engine.get_global_grad_norm()  # the true global norm (parallel.engine), before clipping
+            grad_norm = float(reported) if reported is not None else None
+            dt = time.perf_counter() - t0
+            tokens_per_s = batch * cfg.data.seq_len / dt
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{means[0].item():.3f}", refresh=False)
+
+            stop_signal = stop.agreed(info.device)  # a signal on any rank: all log, save now, then return
+            do_eval = step % cfg.train.eval_interval == 0 or step == cfg.train.steps
+            # the step a run stops at always gets a row: a watcher's curves end where the run did
+            do_log = step % cfg.logging.interval == 0 or do_eval or bool(stop_signal)
+            row_val = None
+            if do_eval:
+                val_loss = row_val = evaluate(engine, val, info)
+                val_step = step
+            if do_log:
+                peak_mem = peak_memory(info.device)
+                # a bad sample is found by the rank that reads it: count the shards every rank found
+                bad_shards = pe.union_size(train_samples.bad_shard_ids | val_samples.bad_shard_ids)
+                logger.log(
+                    step, loss=means[0].item(), lm_loss=means[1].item(),
+                    mtp_loss=means[2].item() if cfg.model.num_nextn_predict_layers else None,
+                    lr=lr, batch_size=batch, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+                    mfu=mfu(tokens_per_s, fpt, peak, world), peak_mem_bytes=peak_mem,
+                    skipped_steps=skipped, bad_shards=bad_shards,
+                    val_loss=row_val, expert_counts=step_counts,
+                )
+            if row_val is not None:
+                _log0(rank, f"step {step}: loss {means[0].item():.4f} val_loss {row_val:.4f}")
+            if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps or stop_signal:
+                for i, moe in enumerate(engine.module.moe_layers()):
+                    pe.check_same_on_all_ranks(moe.gate.e_score_correction_bias, f"routing bias of MoE layer {i}")
+                client = {"step": step, "data": stream.state_dict(), "rng": ckpt_io.rng_state(), "skipped_steps": skipped,
+                          "consecutive_bad_steps": consecutive_bad}
+                try:
+                    ckpt_io.save(engine, layout, run_dir, step, client, cfg.model, cfg.checkpoint.keep, rank)
+                except OSError as err:  # disk full, quota, file size limit: the previous checkpoint is untouched
+                    raise TrainingError(
+                        f"saving the step-{step} checkpoint failed ({err}); the previous checkpoint "
+                        f"{_last_checkpoint(run_dir)} is intact and resumable") from err
+
+            if stop_signal:
+                _log0(rank, f"{stop_signal}: saved a checkpoint at step {step}, stopping")
+                break
+
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{means[0].item():.3f}", refresh=False)
-
-        stop_signal = stop.agreed(info.device)  # a signal on any rank: all log, save now, then return
-        do_eval = step % cfg.train.eval_interval == 0 or step == cfg.train.steps
-        # the step a run stops at always gets a row: a watcher's curves end where the run did
-        do_log = step % cfg.logging.interval == 0 or do_eval or bool(stop_signal)
-        row_val = None
-        if do_eval:
-            val_loss = row_val = evaluate(engine, val, info)
-            val_step = step
-        if do_log:
-            peak_mem = peak_memory(info.device)
-            # a bad sample is found by the rank that reads it: count the shards every rank found
-            bad_shards = pe.union_size(train_samples.bad_shard_ids | val_samples.bad_shard_ids)
-            logger.log(
-                step, loss=means[0].item(), lm_loss=means[1].item(),
-                mtp_loss=means[2].item() if cfg.model.num_nextn_predict_layers else None,
-                lr=lr, batch_size=batch, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
-                mfu=mfu(tokens_per_s, fpt, peak, world), peak_mem_bytes=peak_mem,
-                skipped_steps=skipped, bad_shards=bad_shards,
-                val_loss=row_val, expert_counts=step_counts,
-            )
-        if row_val is not None:
-            _log0(rank, f"step {step}: loss {means[0].item():.4f} val_loss {row_val:.4f}")
-        if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps or stop_signal:
-            for i, moe in enumerate(engine.module.moe_layers()):
-                pe.check_same_on_all_ranks(moe.gate.e_score_correction_bias, f"routing bias of MoE layer {i}")
-            client = {"step": step, "data": stream.state_dict(), "rng": ckpt_io.rng_state(), "skipped_steps": skipped,
-                      "consecutive_bad_steps": consecutive_bad}
-            try:
-                ckpt_io.save(engine, layout, run_dir, step, client, cfg.model, cfg.checkpoint.keep, rank)
-            except OSError as err:  # disk full, quota, file size limit: the previous checkpoint is untouched
-                raise TrainingError(
-                    f"saving the step-{step} checkpoint failed ({err}); the previous checkpoint "
-                    f"{_last_checkpoint(run_dir)} is intact and resumable") from err
-
-        if stop_signal:
-            _log0(rank, f"{stop_signal}: saved a checkpoint at step {step}, stopping")
-            break
-
-    if bar is not None:
-        bar.close()
+            bar.close()
+    except BaseException:  # W&B marks the run failed (exit code 1), not finished, and the file is closed
+        logger.close(exit_code=1)
+        raise
     logger.close()
     train_samples.close()
     val_samples.close()

@@ -478,8 +478,9 @@ class MetricsLogger:
         self._file = self.path.open("a")
         return removed
 
-    def close(self) -> None:
-        """Close metrics.jsonl and finish the W&B run (idempotent).
+    def close(self, exit_code: int = 0) -> None:
+        """Close metrics.jsonl and finish the W&B run with `exit_code` (non-zero: W&B shows it
+        failed) (idempotent).
 
         finish() hands the run to wandb's service process, which completes the offline
         `wandb/offline-run-*/run-ID.wandb` file shortly after (at the latest at process exit).
@@ -490,7 +491,7 @@ class MetricsLogger:
         if self._wandb_run is not None:
             run, self._wandb_run = self._wandb_run, None
             try:
-                run.finish()
+                run.finish(exit_code=exit_code)
             except Exception as err:  # a failed upload at exit must not turn a finished run into a failure
                 self._wandb_failed("finish", err)
 

@@ -112,12 +112,18 @@ def test_nan_gradients_skip_one_step_and_training_continues(tiny_data, straight,
 
 
 def test_consecutive_nan_steps_halt_with_a_report(tiny_data, tmp_path):
+    from tests.unit.test_metrics import offline_run_files, read_finished_run
+
     run = tmp_path / "halt"
-    proc = subprocess.run(_train_cmd(tiny_data, run, "train.max_bad_steps=1"), cwd=REPO,
+    proc = subprocess.run(_train_cmd(tiny_data, run, "train.max_bad_steps=1", "logging.wandb=offline"), cwd=REPO,
                           env={**_env(), "DSV3_FAULT_NAN_STEP": "3"}, capture_output=True, text=True)
     assert proc.returncode == 1
     assert "halting at step 3" in proc.stderr and "step_00000002" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # W&B shows the run failed: it used to be left unfinished, and recorded with exit code 0
+    (wandb_file,) = offline_run_files(run)
+    (exit_record,) = [r for r in read_finished_run(wandb_file) if r.WhichOneof("record_type") == "exit"]
+    assert exit_record.exit.exit_code == 1
 
 
 def test_damaged_newest_checkpoint_is_skipped_on_resume(tiny_data, straight, tmp_path):
