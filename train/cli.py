@@ -283,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_SILENT", "true")
     args = build_parser().parse_args(argv)
+    args.command = " ".join(filter(None, (args.command, getattr(args, "where", None))))  # "launch local"
     try:
         return args.fn(args)
     except ConfigError as err:

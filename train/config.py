@@ -274,7 +274,10 @@ class Config:
             raise ConfigError("logging.interval", self.logging.interval, "must be a positive integer")
 
     def batch_layout(self, world_size: int) -> None:
-        """Check that the global batch splits into micro-batches on `world_size` ranks."""
+        """Check that `world_size` ranks can run this config: the global batch splits into their
+        micro-batches, and the expert-parallel groups tile them."""
+        if world_size % self.parallel.ep:
+            raise ConfigError("parallel.ep", self.parallel.ep, f"must divide the world size {world_size} (ranks in the job)")
         t = self.train
         per_step = t.micro_batch_size * world_size
         sizes = {"train.global_batch_size": t.global_batch_size}

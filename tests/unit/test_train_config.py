@@ -91,6 +91,9 @@ def test_unknown_section_and_bad_yaml(tmp_path):
 def test_batch_layout_must_divide():
     cfg = load_config(SMOKE, ["train.micro_batch_size=4", "train.global_batch_size=12"])
     cfg.batch_layout(3)
+    # checked by the launchers before any rank starts (each rank used to fail on its own)
+    with pytest.raises(ConfigError, match="parallel.ep=4: must divide the world size 2"):
+        load_config(SMOKE, ["parallel.ep=4"]).batch_layout(2)
     with pytest.raises(ConfigError, match="train.global_batch_size"):
         cfg.batch_layout(2)
     # a ramp's sizes are multiples of its increment, which must split over the ranks too
