@@ -225,6 +225,7 @@ def plan(cfg: Config, mfu: float = 0.4, peak_tflops: float = 989.0) -> dict:
         "params_total": groups["total"],  # main model, as the report counts 671B (MTP apart)
         "params_mtp": groups["mtp"],
         "params_active": groups["active"],  # per token, input embedding excluded (N of the FLOP convention)
+        # what the GPUs hold, split: these two count the MTP module too (total + mtp)
         "params_expert": groups["expert"],
         "params_dense": groups["dense"],
         "flops_per_token": flops["flops_per_token"],
@@ -265,6 +266,15 @@ def _decimal_bytes(n: float) -> str:
     return f"{n / 1e3:.2f} KB"
 
 
+def _si(n: float) -> str:
+    """260.6e9 -> '260.6 G', 39.94e6 -> '39.94 M': four significant digits at any size (the smoke
+    model's FLOPs printed as 0.0 G)."""
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.4g} {unit}"
+    return f"{n:.4g} "
+
+
 def _fp8_weights_note(lay: dict) -> str:
     module = ("fp32 module weights (the master, 4 B/param)" if lay["fp8_weights"] == "fp32"
               else "bf16 module weights (2 B/param; the fp32 master in the optimizer)")
@@ -285,7 +295,7 @@ def format_plan(r: dict) -> str:
     return "\n".join([
         f"params: {human(r['params_total'])} total (+{human(r['params_mtp'])} MTP), "
         f"{human(r['params_active'])} active per token",
-        f"FLOPs/token: {r['flops_per_token'] / 1e9:.1f} G ({r['flops_per_token_without_mtp'] / 1e9:.1f} G without MTP);"
+        f"FLOPs/token: {_si(r['flops_per_token'])} ({_si(r['flops_per_token_without_mtp'])} without MTP);"
         f" {r['flop_convention']}",
         f"layout: {lay['nodes']} nodes x {lay['gpus_per_node']} = {lay['world_size']} GPUs, EP {lay['ep']}, "
         f"ZeRO-{lay['zero_stage']}, {lay['precision']}, activation checkpointing "
@@ -296,7 +306,7 @@ def format_plan(r: dict) -> str:
         *fp8_note,
         f"checkpoint: {_decimal_bytes(r['checkpoint_bytes'])} per save (fp32 weights and AdamW moments); "
         f"the most one rank writes: {_decimal_bytes(r['checkpoint_largest_write_bytes'])}",
-        f"tokens/step: {r['tokens_per_step']:,}; step time ~{r['step_time_s']:.1f} s at MFU {r['mfu']:.2f} of "
+        f"tokens/step: {r['tokens_per_step']:,}; step time ~{r['step_time_s']:.3g} s at MFU {r['mfu']:.2f} of "
         f"{r['peak_flops'] / 1e12:.0f} TFLOP/s",
         f"GPU-hours per trillion tokens: {r['gpu_hours_per_trillion_tokens']:,.0f} "
         f"({r['gpu_hours_per_trillion_tokens_without_mtp']:,.0f} without MTP)",

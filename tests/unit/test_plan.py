@@ -64,6 +64,12 @@ def test_671b_weights_by_precision_and_what_makes_it_fit(v3):
     assert v3["memory_per_gpu_bytes"]["total"] + dw > v3["usable_gpu_mem_bytes"]
     text = format_plan(v3)
     assert "-> fits" in text and "bf16 module weights" in text and "one block's at a time" in text
+    assert "FLOPs/token: 260.6 G (250.5 G without MTP)" in text
+
+
+def test_the_smoke_plan_prints_its_flops_not_zero():
+    text = format_plan(plan(load_config("configs/smoke.yaml")))  # was "0.0 G (0.0 G without MTP)", "~0.0 s"
+    assert "FLOPs/token: 39.94 M (23.88 M without MTP)" in text and "step time ~0.000207 s" in text
 
 
 def test_fused_head_counts_its_held_gradients_not_logits():
