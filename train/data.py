@@ -514,6 +514,11 @@ def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> dict:
         if not tok_path.is_file():
             raise FileNotFoundError(f"data.tokenizer: {tok_path} does not exist")
         given_bytes = tok_path.read_bytes()
+        try:  # before any work: a file that is not a tokenizer fails here, by name
+            given = Tokenizer.from_str(given_bytes.decode("utf-8"))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise ConfigError("data.tokenizer", str(tok_path),
+                              f"not a tokenizers JSON file (tokenizer.json): {str(err)[:200]}") from None
     elif cfg.model.vocab_size < _MIN_BPE_VOCAB:
         raise ConfigError(
             "model.vocab_size", cfg.model.vocab_size,
@@ -543,7 +548,7 @@ def prepare_data(cfg: Config, log: Callable[[str], None] = print) -> dict:
 
     # 2. tokenizer: given, or trained on the train documents only (val stays unseen)
     if given_bytes is not None:
-        tok = Tokenizer.from_file(str(tok_path))
+        tok = given
         tok_bytes, where = given_bytes, str(tok_path)
         log(f"prepare-data: using tokenizer {tok_path}")
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -23,8 +24,13 @@ def resolve_run(run_dir: str | Path, checkpoint: str | None = None) -> tuple[Con
         raise FileNotFoundError(f"{cfg_file}: not found; is {run_dir} a dsv3 run directory?")
     cfg = load_config(cfg_file)
     # this process alone: `dsv3 train` samples on rank 0 once training is over, when the other
-    # ranks may have exited
-    ckpt = ckpt_io.resolve_resume(checkpoint or str(run_dir), run_dir, collective=False)
+    # ranks may have exited. A damaged newest checkpoint is said, as training says it, and the
+    # one before it used.
+    try:
+        ckpt = ckpt_io.resolve_resume(checkpoint or str(run_dir), run_dir, collective=False,
+                                      log=lambda m: print(f"dsv3: {m}", file=sys.stderr))
+    except ConfigError as err:  # named after train.resume, which the user of sample/export did not set
+        raise FileNotFoundError(f"{run_dir}: {err.allowed}") from None
     ckpt_io.check_model_matches(ckpt_io.read_meta(ckpt), cfg.model, ckpt)
     return cfg, ckpt
 

@@ -203,6 +203,27 @@ def test_sample_from_an_empty_prompt_starts_after_an_end_of_document(straight_ru
     assert out.strip() and "<|endoftext|>" not in out
 
 
+def test_sample_and_export_say_when_they_pass_over_a_damaged_checkpoint(straight_run, tmp_path, capsys):
+    """They used the older checkpoint silently, and a run directory without any checkpoint was
+    reported as a bad train.resume, a key the user of sample/export never set."""
+    import shutil
+
+    from train.sample import resolve_run
+
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    ckpts = sorted((run / "checkpoints").glob("step_*"))
+    with open(ckpts[-1] / "model-dense-part0-of-1.safetensors", "r+b") as f:
+        f.seek(200)
+        f.write(b"\xff" * 16)
+    assert resolve_run(run)[1] == ckpts[-2]
+    assert f"checkpoint {ckpts[-1]} fails verification" in capsys.readouterr().err
+    for c in ckpts:
+        shutil.rmtree(c)
+    with pytest.raises(FileNotFoundError, match=f"^{run}: no complete checkpoint there"):
+        resolve_run(run)
+
+
 def test_import_hf_starts_a_run_from_those_weights(tiny_data, straight_run, tmp_path):
     run_cli("export-hf", str(straight_run), str(tmp_path / "hf"))
     run_cli("import-hf", "--config", "configs/smoke.yaml", str(tmp_path / "hf"), str(tmp_path / "imported"), *TINY)

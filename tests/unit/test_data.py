@@ -381,6 +381,13 @@ def test_existing_tokenizer(prepared, tmp_path):
     with pytest.raises(ConfigError, match="model.vocab_size"):
         prepare_data(cfg3, log=lambda s: None)
 
+    for content in (b"not json", b"\xff\xfe"):  # a bare Exception from tokenizers used to escape
+        (tmp_path / "bad.json").write_bytes(content)
+        bad = _cfg(tmp_path / "data4", cfg2.data.sources, f"data.tokenizer={tmp_path / 'bad.json'}")
+        with pytest.raises(ConfigError, match=r"data.tokenizer=.*bad.json.*: not a tokenizers JSON file"):
+            prepare_data(bad, log=lambda s: None)
+    assert not (tmp_path / "data4").exists()
+
 
 def test_shard_override_pattern(prepared, train_samples, tmp_path):
     cfg, _ = prepared
