@@ -30,9 +30,9 @@ def cmd_prepare_data(args) -> int:
 
 
 def cmd_train(args) -> int:
+    cfg = _config(args)  # before the trainer's imports (DeepSpeed): a bad key fails in a second
     from .loop import train
 
-    cfg = _config(args)
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
