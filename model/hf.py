@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 FP8_BLOCK = 128
 
 
+class HFCheckpointError(ValueError):
+    """An HF checkpoint folder that is not this model's: the message names the folder or file."""
+
+
 def _umask() -> int:
     """The process umask, read without changing it where Linux shows it (os.umask can only be read
     by setting it, which another thread creating a file at that moment would see)."""
@@ -220,7 +224,8 @@ class HFReader:
             raise
         if any(k.endswith(".experts.gate_up_proj") for k in self._where):
             self._stack.close()
-            raise ValueError(f"{path}: fused expert tensors are not supported; save with transformers' save_pretrained")
+            raise HFCheckpointError(f"{path}: fused expert tensors are not supported; save with transformers' "
+                                    "save_pretrained")
         with torch.device("meta"):
             self.model = DeepSeekV3(cfg)  # shapes, dtypes and the seed of fresh MTP weights
         self._fresh: dict[str, torch.Tensor] | None = None
@@ -270,10 +275,11 @@ class HFReader:
             log.warning("%s: no MTP weights for num_nextn_predict_layers=%d; MTP modules start from a fresh init",
                         self.path, self.cfg.num_nextn_predict_layers)
         elif missing:
-            raise KeyError(f"{self.path}: checkpoint lacks {missing[0]} (and {len(missing) - 1} more) for this config")
+            raise HFCheckpointError(f"{self.path}: checkpoint lacks {missing[0]} (and {len(missing) - 1} more) for "
+                                    "this config")
         for k, shape in expected.items():
             if self._stored(k) and self._stored_shape(k) != shape:
-                raise ValueError(f"{self.path}: {k} has shape {self._stored_shape(k)}, config expects {shape}")
+                raise HFCheckpointError(f"{self.path}: {k} has shape {self._stored_shape(k)}, config expects {shape}")
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if self.fresh_mtp and key.startswith("mtp."):
@@ -319,13 +325,13 @@ def read_hf_config(path: str | Path) -> ModelConfig:
     try:
         d = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{cfg_file}: not valid JSON ({err})") from None
+        raise HFCheckpointError(f"{cfg_file}: not valid JSON ({err})") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{cfg_file}: expected a JSON object, found {type(d).__name__}")
+        raise HFCheckpointError(f"{cfg_file}: expected a JSON object, found {type(d).__name__}")
     try:
         return config_from_hf(d)
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{cfg_file}: {err}") from None
+        raise HFCheckpointError(f"{cfg_file}: {err}") from None
 
 
 def read_hf(path: str | Path, cfg: ModelConfig | None = None, **overrides) -> HFReader:

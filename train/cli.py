@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from model import ConfigError
+from model.hf import HFCheckpointError
 
 EPILOG = "Overrides use the YAML's dotted keys, e.g. optim.lr=1e-3 train.steps=50."
 
@@ -99,21 +100,14 @@ def cmd_import_hf(args) -> int:
         # a run there would resume its own checkpoints, not these weights, and its config would be lost
         raise FileExistsError(f"{out}: exists and is not an empty directory; import-hf makes a new run directory "
                               "(nothing was written)")
-    try:
-        # the model: what config.json says, the YAML's model fields it does not describe (precision,
-        # MTP loss weight, ...), and model.* overrides over both (their shapes are checked below)
-        arch = hf.read_hf_config(args.hf_dir).to_dict()
-        cfg = load_config(args.config, args.overrides,
-                          layer=(f"{Path(args.hf_dir) / 'config.json'}", {"model": {k: arch[k] for k in hf.HF_FIELDS}}))
-        cfg.train.run_dir = str(out)
-        cfg.validate()
-        reader = hf.read_hf(args.hf_dir, cfg.model)  # names and shapes checked first; tensors read as written
-    except (ValueError, KeyError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        print(f"dsv3 import-hf: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
-        return 2
-    with reader:
+    # the model: what config.json says, the YAML's model fields it does not describe (precision,
+    # MTP loss weight, ...), and model.* overrides over both (their shapes are checked below)
+    arch = hf.read_hf_config(args.hf_dir).to_dict()
+    cfg = load_config(args.config, args.overrides,
+                      layer=(f"{Path(args.hf_dir) / 'config.json'}", {"model": {k: arch[k] for k in hf.HF_FIELDS}}))
+    cfg.train.run_dir = str(out)
+    cfg.validate()
+    with hf.read_hf(args.hf_dir, cfg.model) as reader:  # names and shapes checked first; tensors read as written
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         tok = Path(args.hf_dir) / "tokenizer.json"
@@ -289,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"dsv3 {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError) as err:
+    except (FileNotFoundError, FileExistsError, HFCheckpointError) as err:
         print(f"dsv3 {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
