@@ -149,4 +149,5 @@ def test_te_refuses_checkpointing_only_with_the_delayed_recipe():
     with pytest.raises(ConfigError, match="train.activation_checkpointing"):
         check_launch(load_config("configs/671b.yaml", ["fp8.recipe=delayed"]))
     with pytest.raises(ConfigError, match="train.activation_checkpointing"):
-        launch_local("configs/671b.yaml", 1, ["fp8.recipe=delayed"], log=lambda *_: pytest.fail("must not launch"))
+        # 64 processes: the config's EP=64 must tile them, or that is refused first
+        launch_local("configs/671b.yaml", 64, ["fp8.recipe=delayed"], log=lambda *_: pytest.fail("must not launch"))
