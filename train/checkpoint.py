@@ -98,23 +98,24 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint directories under root that finished saving, oldest first."""
+def _step_dirs(root: Path) -> list[Path]:
+    """The step_* checkpoint directories under root (not a save's *.partial), oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / META).is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.suffix != ".partial"]
     return sorted(found, key=lambda p: p.name)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories under root that finished saving, oldest first."""
+    return [p for p in _step_dirs(root) if (p / META).is_file()]
 
 
 def incomplete_checkpoints(root: Path) -> list[Path]:
     """step_* directories under root without their meta file, oldest first: a save interrupted
     between the rename and the meta file (a moment), or a checkpoint damaged since. Never resumed
     from, and never deleted: a save at the same step moves one aside first (set_aside_later)."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.suffix != ".partial"
-             and not (p / META).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return [p for p in _step_dirs(root) if not (p / META).is_file()]
 
 
 def set_aside_later(run_dir: Path, step: int) -> tuple[Path, list[str]] | None:
@@ -128,8 +129,7 @@ def set_aside_later(run_dir: Path, step: int) -> tuple[Path, list[str]] | None:
     checkpoints, retention (newest step numbers kept) would delete this run's saves instead, and
     a save at the same step would replace one. Moved, never deleted."""
     root = run_dir / "checkpoints"
-    later = sorted((c for c in complete_checkpoints(root) + incomplete_checkpoints(root)
-                    if int(c.name.split("_")[1]) > step), key=lambda c: c.name)
+    later = [c for c in _step_dirs(root) if int(c.name.split("_")[1]) > step]  # complete or not
     if not later:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
