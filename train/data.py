@@ -425,22 +425,19 @@ def _up_to_date(out_dir: Path, spec: dict) -> dict | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
+        manifest = read_manifest(path)  # its shards' entries checked
+    except ConfigError:  # damaged: rebuild
         return None
-    if not isinstance(manifest, dict) or manifest.get("build") != spec:
+    if manifest.get("build") != spec:
         return None
     tok = out_dir / TOKENIZER
     if not tok.is_file() or _sha256(tok.read_bytes()) != manifest.get("tokenizer_sha256"):
         return None
-    try:
-        for split in ("train", "val"):
-            for s in manifest[split]["shards"]:  # each shard there, at the size it was written (when recorded)
-                shard = out_dir / s["url"]
-                if not shard.is_file() or shard.stat().st_size != s.get("bytes", shard.stat().st_size):
-                    return None
-    except (KeyError, TypeError, AttributeError):  # a damaged manifest: rebuild
-        return None
+    for split in ("train", "val"):
+        for s in manifest[split]["shards"]:  # each shard there, at the size it was written (when recorded)
+            shard = out_dir / s["url"]
+            if not shard.is_file() or shard.stat().st_size != s.get("bytes", shard.stat().st_size):
+                return None
     return manifest
 
 
@@ -456,11 +453,12 @@ def _outputs(out_dir: Path) -> tuple[list[Path], list[Path]]:
     if not out_dir.is_dir():
         return [], []
     listed = set()
-    try:
-        manifest = json.loads((out_dir / MANIFEST).read_text())
-        listed = {s["url"] for split in ("train", "val") for s in manifest[split]["shards"]}
-    except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: it lists nothing
-        pass
+    if (out_dir / MANIFEST).is_file():
+        try:
+            manifest = read_manifest(out_dir / MANIFEST)
+            listed = {s["url"] for split in ("train", "val") for s in manifest[split]["shards"]}
+        except ConfigError:  # damaged: it lists nothing
+            pass
     writing = (out_dir / _WRITING).exists()
     own, foreign = [], []
     for p in sorted(out_dir.iterdir()):
