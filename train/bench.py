@@ -14,13 +14,13 @@ engine's step as optimizer.
 Forward time of a part is its scope's duration (expert dispatch/permutation = routed-experts scope
 minus its GEMMs). Backward ops are attributed through autograd's sequence numbers: every
 `autograd::engine::evaluate_function` event carries the sequence number of the forward op that
-made it, and that op's innermost scope names the part. Communication is every c10d/gloo/nccl
-collective op. "other" is the rest (embedding, norms, dense/shared MLPs, glue). With
+made it, and that op's innermost scope names the part. Communication is the wall time during
+which any c10d/gloo/nccl collective is in flight, on any thread. "other" is the rest (embedding, norms, dense/shared MLPs, glue). With
 train.activation_checkpointing the recompute runs in backward under the same scopes, so each
 part includes its recompute (and a backward op that triggers one does not count it again).
 Profiler overhead makes the profiled step slower than the timed ones; the parts are reported in
-seconds of that step and as fractions of it. A collective inside a scope (expert dispatch's
-all-to-all) counts as communication only.
+seconds of that step and as fractions of it. Time of a part during which a collective is in
+flight (expert dispatch's all-to-all, the optimizer's all-reduce) counts as communication only.
 
 Several ranks (torchrun): one report, printed by rank 0, with the slowest rank's step times, the
 largest peak memory, the mean of the ranks' peak FLOP/s (on CPU each rank measures its own) and
@@ -126,23 +126,41 @@ def breakdown_from_profile(events) -> dict[str, float]:
             p = p.cpu_parent
         return None
 
-    def comm_within(ev) -> float:
-        """Microseconds of collectives inside ev (the outermost ones, not inside a nested scope,
-        which accounts for its own): they count as communication, so the part that issued them
-        (expert dispatch's all-to-all) does not count them again."""
-        total, todo = 0.0, list(ev.cpu_children)
+    # Communication is the wall time during which any collective is in flight: the union of the
+    # collectives' intervals over all threads. gloo records a collective twice, as the c10d call on
+    # the issuing thread and as its work on one of its own threads, overlapping; summing both
+    # counted it twice.
+    comm: list[list[float]] = []
+    for ev in sorted((e for e in events if _is_comm(e.name)), key=lambda e: e.time_range.start):
+        start, end = ev.time_range.start, ev.time_range.end
+        if comm and start <= comm[-1][1]:
+            comm[-1][1] = max(comm[-1][1], end)
+        else:
+            comm.append([start, end])
+    seconds["communication"] = sum(end - start for start, end in comm) / 1e6
+
+    def comm_overlap(ev) -> float:
+        """Microseconds of ev during which a collective was in flight: they count as
+        communication, so the part that issued or waited on it does not count them again."""
+        a, b = ev.time_range.start, ev.time_range.end
+        return sum(max(0.0, min(b, end) - max(a, start)) for start, end in comm)
+
+    def scoped_children(ev) -> list:
+        """The outermost profiler scopes inside ev (activation checkpointing's recompute, when ev is
+        a backward node): they account for themselves."""
+        found, todo = [], list(ev.cpu_children)
         while todo:
             child = todo.pop()
-            if _is_comm(child.name):
-                total += child.cpu_time_total
-            elif not child.name.startswith(_SCOPE):
+            if child.name.startswith(_SCOPE):
+                found.append(child)
+            else:
                 todo.extend(child.cpu_children)
-        return total
+        return found
 
     for ev in events:
         if ev.name.startswith(_SCOPE) and ev.name != _SCOPE + _BLOCK:
             part = ev.name[len(_SCOPE):]
-            dur = (ev.cpu_time_total - comm_within(ev)) / 1e6
+            dur = (ev.cpu_time_total - comm_overlap(ev)) / 1e6
             if part == "expert_gemm":
                 seconds["expert_gemm"] += dur
                 seconds["dispatch"] -= dur  # nested in the experts scope
@@ -150,29 +168,18 @@ def breakdown_from_profile(events) -> dict[str, float]:
                 seconds["dispatch"] += dur
             else:
                 seconds[part] += dur
-        elif _is_comm(ev.name) and (ev.cpu_parent is None or not _is_comm(ev.cpu_parent.name)):
-            seconds["communication"] += ev.cpu_time_total / 1e6
         if getattr(ev, "sequence_nr", -1) >= 0 and not ev.name.startswith("autograd::engine"):
             part = scope_of(ev)
             if part is not None:
                 seq_part.setdefault(ev.sequence_nr, part)
 
-    def recompute_time(ev) -> float:
-        """Microseconds of blocks rerun inside a backward node (activation checkpointing's
-        recompute): its scoped parts count there already, the rest is "other"."""
-        total, todo = 0.0, list(ev.cpu_children)
-        while todo:
-            child = todo.pop()
-            if child.name.startswith(_SCOPE):
-                total += child.cpu_time_total
-            else:
-                todo.extend(child.cpu_children)
-        return total
-
     for ev in events:
         if ev.name.startswith("autograd::engine::evaluate_function") and ev.sequence_nr in seq_part:
             part = seq_part[ev.sequence_nr]
-            own = ev.cpu_time_total - recompute_time(ev) - comm_within(ev)
+            inner = scoped_children(ev)
+            # the node less its recomputed scopes, and less the collectives outside those scopes
+            own = (ev.cpu_time_total - sum(c.cpu_time_total for c in inner)
+                   - (comm_overlap(ev) - sum(comm_overlap(c) for c in inner)))
             seconds["dispatch" if part == "experts" else part] += own / 1e6
     return dict(seconds)
 
