@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
+from model import loss as loss_module
 from model.loss import IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_heads, reference_cross_entropy
 from tests.unit.helpers import build
 
@@ -30,6 +33,31 @@ def test_fused_equals_reference_in_fp32(chunk):
     torch.testing.assert_close(got[1], ref[1], atol=1e-8, rtol=1e-5)
     torch.testing.assert_close(got[2], ref[2], atol=1e-8, rtol=1e-5)
     assert got[1][::7].abs().max() == 0, "ignored rows get no gradient"
+
+
+def test_cpu_buffer_is_kept_between_calls_and_never_leaks_into_results(monkeypatch):
+    """fp32 CPU calls share one chunk buffer (model/loss.py, _chunk_buffers): it is not allocated
+    again per call, a larger call grows it, and two forwards before either backward (gradient
+    accumulation, a second model) each return their own results."""
+    g = torch.Generator().manual_seed(7)
+    d, v = 12, 53
+    w = 0.3 * torch.randn(v, d, generator=g)
+    cases = [(torch.randn(n, d, generator=g), torch.randint(0, v, (n,), generator=g)) for n in (30, 90, 20)]
+    refs = [_loss_and_grads(reference_cross_entropy, h, w, t) for h, t in cases]
+    monkeypatch.setattr(loss_module, "_cpu_buffer", threading.local())  # none kept yet
+
+    pointers, pending = [], []
+    for h, t in cases:  # chunk larger than every call: the whole call is one chunk of the buffer
+        h_, w_ = h.clone().requires_grad_(), w.clone().requires_grad_()
+        pending.append((linear_cross_entropy(h_, w_, t, chunk=128), h_, w_))
+        pointers.append(loss_module._cpu_buffer.tensor.data_ptr())
+    assert pointers[1] == pointers[2], "a call no larger than the kept buffer reuses it"
+    assert loss_module._cpu_buffer.tensor.numel() == 90 * v  # grown once, to the largest call
+    for (loss, h_, w_), ref in zip(pending, refs):
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), ref[0], atol=2e-6, rtol=1e-6)
+        torch.testing.assert_close(h_.grad, ref[1], atol=1e-8, rtol=1e-5)
+        torch.testing.assert_close(w_.grad, ref[2], atol=1e-8, rtol=1e-5)
 
 
 def test_upstream_gradient_scales_both_gradients():
